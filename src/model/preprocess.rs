@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn crops_a_bgr_image_to_grey_input() {
-        let img = Mat::new_rows_cols_with_default(100, 100, opencv::core::CV_8UC3, 255.into()).unwrap();
+        let img = Mat::new_rows_cols_with_default(100, 100, opencv::core::CV_8UC3, opencv::core::Scalar::all(255.0)).unwrap();
         let s = spec(Color::Gray, Layout::Nhwc, 64);
         let mut out = Vec::new();
         crop_to_input(&img, Rect::new(10, 10, 80, 80), &s, &mut out).unwrap();
