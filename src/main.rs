@@ -1,1 +1,91 @@
-fn main() {}
+//! The `emotiond` command line: parses arguments, sets up logging and signals, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use emotiond::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Camera streams in, per-frame emotion labels out over MQTT"
+)]
+struct Cli {
+    /// TOML config file; without it, the built-in demo (bundled video, bundled model, embedded broker).
+    /// `EMOTIOND__SECTION__KEY` environment variables override either.
+    #[arg(long, short, global = true, env = "EMOTIOND_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGINT/SIGTERM (or until every non-looping camera has ended).
+    Run,
+    /// Classify one still image, video file or URI; print one JSON line per frame, as the daemon publishes.
+    Classify {
+        /// Image path, video path or URI (file://, rtsp://, http(s)://).
+        input: String,
+    },
+    /// Check the config and every file it names; start nothing. Exit status 1 when invalid.
+    Validate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            emotiond::telemetry::init_logging(Default::default(), "info");
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    emotiond::telemetry::init_logging(config.log.format, &config.log.level);
+    let result = match cli.command {
+        Command::Run => run(config),
+        Command::Classify { input } => {
+            let stdout = std::io::stdout();
+            emotiond::commands::classify(&config, &input, &mut stdout.lock()).map(|_| ())
+        }
+        Command::Validate => emotiond::commands::validate(&config).map(|msg| println!("{msg}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("Could not install signal handlers; stop the daemon with SIGKILL.");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received; shutting down."),
+                _ = int.recv() => tracing::info!("SIGINT received; shutting down."),
+            }
+            signals.cancel();
+        });
+        emotiond::daemon::run(config, shutdown).await?;
+        Ok(())
+    })
+}

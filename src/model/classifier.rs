@@ -36,7 +36,11 @@ pub struct ClassifierOptions {
 
 impl Default for ClassifierOptions {
     fn default() -> Self {
-        Self { ort_library: None, intra_threads: 1, provider: ExecutionProvider::Auto }
+        Self {
+            ort_library: None,
+            intra_threads: 1,
+            provider: ExecutionProvider::Auto,
+        }
     }
 }
 
@@ -54,7 +58,9 @@ pub enum ClassifierError {
     Shape { path: PathBuf, reason: String },
     #[error("model {path}: inference failed: {reason}")]
     Run { path: PathBuf, reason: String },
-    #[error("execution provider {0:?} requested but this build has no `cuda` feature; rebuild with `--features cuda`")]
+    #[error(
+        "execution provider {0:?} requested but this build has no `cuda` feature; rebuild with `--features cuda`"
+    )]
     ProviderUnavailable(ExecutionProvider),
 }
 
@@ -69,12 +75,18 @@ pub struct Classifier {
 
 /// Builds an ort session with our thread policy: `intra_threads` workers that sleep instead of spin-waiting
 /// (spinning was measured to slow OpenCV's detection in the same process by 30–45% on 2 cores).
-pub fn build_session(path: &Path, opts: &ClassifierOptions) -> Result<(Session, &'static str), ClassifierError> {
+pub fn build_session(
+    path: &Path,
+    opts: &ClassifierOptions,
+) -> Result<(Session, &'static str), ClassifierError> {
     if !path.is_file() {
         return Err(ClassifierError::NotFound(path.to_owned()));
     }
     let env = init_runtime(opts.ort_library.as_deref())?;
-    let load = |e: String| ClassifierError::Load { path: path.to_owned(), reason: e };
+    let load = |e: String| ClassifierError::Load {
+        path: path.to_owned(),
+        reason: e,
+    };
     let mut builder = Session::builder(&env)
         .map_err(|e| load(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -88,17 +100,29 @@ pub fn build_session(path: &Path, opts: &ClassifierOptions) -> Result<(Session, 
         #[cfg(feature = "cuda")]
         p => {
             let cuda = ort::ep::CUDA::default().build();
-            let cuda = if p == ExecutionProvider::Cuda { cuda.error_on_failure() } else { cuda };
-            builder = builder.with_execution_providers([cuda]).map_err(|e| load(e.to_string()))?;
+            let cuda = if p == ExecutionProvider::Cuda {
+                cuda.error_on_failure()
+            } else {
+                cuda
+            };
+            builder = builder
+                .with_execution_providers([cuda])
+                .map_err(|e| load(e.to_string()))?;
             use ort::ep::ExecutionProvider as _;
-            if ort::ep::CUDA::is_available().unwrap_or(false) { "CUDA" } else { "CPU" }
+            if ort::ep::CUDA::is_available().unwrap_or(false) {
+                "CUDA"
+            } else {
+                "CPU"
+            }
         }
         #[cfg(not(feature = "cuda"))]
         ExecutionProvider::Auto => "CPU",
         #[cfg(not(feature = "cuda"))]
         p @ ExecutionProvider::Cuda => return Err(ClassifierError::ProviderUnavailable(p)),
     };
-    let session = builder.commit_from_file(path).map_err(|e| load(e.to_string()))?;
+    let session = builder
+        .commit_from_file(path)
+        .map_err(|e| load(e.to_string()))?;
     Ok((session, provider))
 }
 
@@ -108,8 +132,14 @@ impl Classifier {
         let (session, provider) = build_session(path, opts)?;
         let spec = read_spec(&session, path)?;
 
-        let shape_err = |reason: String| ClassifierError::Shape { path: path.to_owned(), reason };
-        let input = session.inputs().first().ok_or_else(|| shape_err("the model has no input".into()))?;
+        let shape_err = |reason: String| ClassifierError::Shape {
+            path: path.to_owned(),
+            reason,
+        };
+        let input = session
+            .inputs()
+            .first()
+            .ok_or_else(|| shape_err("the model has no input".into()))?;
         if let ValueType::Tensor { shape, .. } = input.dtype() {
             let dims: Vec<i64> = shape.iter().copied().collect();
             let s = spec.input_size as i64;
@@ -118,7 +148,12 @@ impl Classifier {
                 Layout::Nchw => [-1, c, s, s],
                 Layout::Nhwc => [-1, s, s, c],
             };
-            let ok = dims.len() == 4 && dims.iter().zip(want).skip(1).all(|(d, w)| *d < 0 || *d == w);
+            let ok = dims.len() == 4
+                && dims
+                    .iter()
+                    .zip(want)
+                    .skip(1)
+                    .all(|(d, w)| *d < 0 || *d == w);
             if !ok {
                 return Err(shape_err(format!(
                     "input `{}` has shape {dims:?} but the metadata says {} {}×{}×{} ({})",
@@ -138,7 +173,11 @@ impl Classifier {
                 .iter()
                 .find(|o| o.name() == name)
                 .map(|o| o.name().to_owned())
-                .ok_or_else(|| shape_err(format!("metadata names output `{name}` but the model has no such output")))?,
+                .ok_or_else(|| {
+                    shape_err(format!(
+                        "metadata names output `{name}` but the model has no such output"
+                    ))
+                })?,
             None => session
                 .outputs()
                 .iter()
@@ -147,7 +186,14 @@ impl Classifier {
                 .map(|o| o.name().to_owned())
                 .ok_or_else(|| shape_err("the model has no output".into()))?,
         };
-        Ok(Self { session, spec, path: path.to_owned(), input_name, output_name, provider })
+        Ok(Self {
+            session,
+            spec,
+            path: path.to_owned(),
+            input_name,
+            output_name,
+            provider,
+        })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -167,7 +213,11 @@ impl Classifier {
     pub fn run(&mut self, inputs: Vec<f32>) -> Result<Vec<Vec<f32>>, ClassifierError> {
         let per = self.spec.input_len();
         let n = inputs.len() / per;
-        assert_eq!(n * per, inputs.len(), "Classifier::run: partial input: this is a bug");
+        assert_eq!(
+            n * per,
+            inputs.len(),
+            "Classifier::run: partial input: this is a bug"
+        );
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -177,7 +227,10 @@ impl Classifier {
             Layout::Nchw => [n, c, s, s],
             Layout::Nhwc => [n, s, s, c],
         };
-        let run_err = |e: String| ClassifierError::Run { path: self.path.clone(), reason: e };
+        let run_err = |e: String| ClassifierError::Run {
+            path: self.path.clone(),
+            reason: e,
+        };
         let tensor = Tensor::from_array((shape, inputs)).map_err(|e| run_err(e.to_string()))?;
         let outputs = self
             .session
@@ -188,7 +241,10 @@ impl Classifier {
             .map_err(|e| run_err(e.to_string()))?;
         let k = self.spec.labels.len();
         if out_shape.len() != 2 || out_shape[1] as usize != k || out_shape[0] as usize != n {
-            return Err(run_err(format!("output has shape {:?}, expected [{n}, {k}]", &out_shape[..])));
+            return Err(run_err(format!(
+                "output has shape {:?}, expected [{n}, {k}]",
+                &out_shape[..]
+            )));
         }
         Ok(data
             .chunks(k)
@@ -215,7 +271,11 @@ fn read_spec(session: &Session, path: &Path) -> Result<ModelSpec, ClassifierErro
     let sidecar = ModelSpec::sidecar_path(path);
     match ModelSpec::read_sidecar(&sidecar)? {
         Some(side) => Ok(ModelSpec::from_map(&sidecar, &side)?),
-        None => Err(SpecError::Missing { model: path.to_owned(), sidecar }.into()),
+        None => Err(SpecError::Missing {
+            model: path.to_owned(),
+            sidecar,
+        }
+        .into()),
     }
 }
 

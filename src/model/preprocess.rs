@@ -4,8 +4,8 @@
 //! model's layout, colour and normalisation ([`ModelSpec`]).
 
 use opencv::core::{Mat, Rect, Size};
-use opencv::prelude::*;
 use opencv::imgproc;
+use opencv::prelude::*;
 
 use super::spec::{Color, Layout, ModelSpec};
 
@@ -33,7 +33,12 @@ pub fn face_crop_rect(img_w: i32, img_h: i32, bbox: [f32; 4], margin: f32, squar
 
 /// Crops `rect` out of `img` (BGR with 3 channels, or grey with 1), converts it to the model's colour, resizes it
 /// to the model's input size and appends the normalised values to `out`.
-pub fn crop_to_input(img: &Mat, rect: Rect, spec: &ModelSpec, out: &mut Vec<f32>) -> opencv::Result<()> {
+pub fn crop_to_input(
+    img: &Mat,
+    rect: Rect,
+    spec: &ModelSpec,
+    out: &mut Vec<f32>,
+) -> opencv::Result<()> {
     let roi = Mat::roi(img, rect)?;
     let src_channels = img.channels();
     let mut converted = Mat::default();
@@ -45,7 +50,11 @@ pub fn crop_to_input(img: &Mat, rect: Rect, spec: &ModelSpec, out: &mut Vec<f32>
     };
     let side = spec.input_size as i32;
     // INTER_AREA when shrinking (anti-aliased, what FER-2013's 48 px crops look like); linear when growing.
-    let interp = if rect.width > side { imgproc::INTER_AREA } else { imgproc::INTER_LINEAR };
+    let interp = if rect.width > side {
+        imgproc::INTER_AREA
+    } else {
+        imgproc::INTER_LINEAR
+    };
     let mut resized = Mat::default();
     let size = Size::new(side, side);
     match code {
@@ -55,7 +64,11 @@ pub fn crop_to_input(img: &Mat, rect: Rect, spec: &ModelSpec, out: &mut Vec<f32>
         }
         None => imgproc::resize(&roi, &mut resized, size, 0.0, 0.0, interp)?,
     }
-    let resized = if resized.is_continuous() { resized } else { resized.try_clone()? };
+    let resized = if resized.is_continuous() {
+        resized
+    } else {
+        resized.try_clone()?
+    };
     let bytes = resized.data_bytes()?;
     let start = out.len();
     out.resize(start + spec.input_len(), 0.0);
@@ -69,9 +82,21 @@ pub fn crop_to_input(img: &Mat, rect: Rect, spec: &ModelSpec, out: &mut Vec<f32>
 pub fn normalize_into(spec: &ModelSpec, pixels: &[u8], out: &mut [f32]) {
     let hw = (spec.input_size * spec.input_size) as usize;
     let channels = spec.color.channels();
-    let src_channels = if spec.color == Color::Gray3 { 1 } else { channels };
-    assert_eq!(pixels.len(), hw * src_channels, "normalize_into: pixel buffer size: this is a bug");
-    assert_eq!(out.len(), hw * channels, "normalize_into: output size: this is a bug");
+    let src_channels = if spec.color == Color::Gray3 {
+        1
+    } else {
+        channels
+    };
+    assert_eq!(
+        pixels.len(),
+        hw * src_channels,
+        "normalize_into: pixel buffer size: this is a bug"
+    );
+    assert_eq!(
+        out.len(),
+        hw * channels,
+        "normalize_into: output size: this is a bug"
+    );
     for c in 0..channels {
         let (mean, std) = spec.norm(c);
         let (scale, shift) = (1.0 / (255.0 * std), -mean / std);
@@ -93,7 +118,10 @@ mod tests {
 
     fn spec(color: Color, layout: Layout, size: u32) -> ModelSpec {
         ModelSpec {
-            labels: crate::model::FER_LABELS.iter().map(|s| s.to_string()).collect(),
+            labels: crate::model::FER_LABELS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             input_size: size,
             layout,
             color,
@@ -111,7 +139,10 @@ mod tests {
         // A face touching the right edge: the square crop shifts left to stay inside.
         let r = face_crop_rect(640, 360, [600.0, 100.0, 40.0, 60.0], 0.1, true);
         assert_eq!(r.width, r.height);
-        assert!(r.x >= 0 && r.x + r.width <= 640 && r.y >= 0 && r.y + r.height <= 360, "{r:?}");
+        assert!(
+            r.x >= 0 && r.x + r.width <= 640 && r.y >= 0 && r.y + r.height <= 360,
+            "{r:?}"
+        );
         assert_eq!(r.width, 72); // 60 * 1.2
         // Bigger than the image: clamped to the image.
         let r = face_crop_rect(100, 50, [0.0, 0.0, 100.0, 50.0], 0.5, true);
@@ -138,7 +169,13 @@ mod tests {
 
     #[test]
     fn crops_a_bgr_image_to_grey_input() {
-        let img = Mat::new_rows_cols_with_default(100, 100, opencv::core::CV_8UC3, opencv::core::Scalar::all(255.0)).unwrap();
+        let img = Mat::new_rows_cols_with_default(
+            100,
+            100,
+            opencv::core::CV_8UC3,
+            opencv::core::Scalar::all(255.0),
+        )
+        .unwrap();
         let s = spec(Color::Gray, Layout::Nhwc, 64);
         let mut out = Vec::new();
         crop_to_input(&img, Rect::new(10, 10, 80, 80), &s, &mut out).unwrap();

@@ -11,7 +11,10 @@ use std::sync::{Mutex, OnceLock};
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 
 /// Where `deploy/install-deps.sh` and the Debian package install the library.
-const WELL_KNOWN: &[&str] = &["/usr/local/lib/emotiond/libonnxruntime.so", "/usr/lib/emotiond/libonnxruntime.so"];
+const WELL_KNOWN: &[&str] = &[
+    "/usr/local/lib/emotiond/libonnxruntime.so",
+    "/usr/lib/emotiond/libonnxruntime.so",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -20,7 +23,9 @@ pub enum RuntimeError {
          (deploy/install-deps.sh), or point `classify.ort_library` or {ORT_DYLIB_ENV} at libonnxruntime.so"
     )]
     NotFound { looked: String },
-    #[error("ONNX Runtime library {path} could not be loaded: {reason}; it must be ONNX Runtime 1.31 or newer for this CPU/OS")]
+    #[error(
+        "ONNX Runtime library {path} could not be loaded: {reason}; it must be ONNX Runtime 1.31 or newer for this CPU/OS"
+    )]
     Load { path: PathBuf, reason: String },
 }
 
@@ -43,20 +48,27 @@ pub fn resolve_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError>
             break;
         }
     }
-    Err(RuntimeError::NotFound { looked: looked.join(", ") })
+    Err(RuntimeError::NotFound {
+        looked: looked.join(", "),
+    })
 }
 
 static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
 
 /// Loads the library and creates the process-wide environment (idempotent; the first path wins).
-pub fn init_runtime(explicit: Option<&Path>) -> Result<ort::environment::Environment, RuntimeError> {
+pub fn init_runtime(
+    explicit: Option<&Path>,
+) -> Result<ort::environment::Environment, RuntimeError> {
     let _guard = INIT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(env) = ENV.get() {
         return Ok(env.clone());
     }
     let path = resolve_library(explicit)?;
-    let load = |reason: String| RuntimeError::Load { path: path.clone(), reason };
+    let load = |reason: String| RuntimeError::Load {
+        path: path.clone(),
+        reason,
+    };
     let env = ort::init_from(&path)
         .map_err(|e| load(e.to_string()))?
         .with_name("emotiond")

@@ -40,11 +40,22 @@ pub enum SpecError {
     #[error("model {model}: metadata key `{key}` is missing")]
     MissingKey { model: PathBuf, key: &'static str },
     #[error("model {model}: metadata key `{key}` has invalid value {value:?}: {reason}")]
-    Invalid { model: PathBuf, key: &'static str, value: String, reason: String },
+    Invalid {
+        model: PathBuf,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("sidecar {path}: {source}")]
-    Sidecar { path: PathBuf, source: std::io::Error },
+    Sidecar {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("sidecar {path}: not a flat JSON object of strings: {source}")]
-    SidecarJson { path: PathBuf, source: serde_json::Error },
+    SidecarJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// How tensors are laid out in memory.
@@ -130,11 +141,19 @@ impl ModelSpec {
     /// Reads a sidecar file (flat JSON object of strings, same keys as the metadata).
     pub fn read_sidecar(path: &Path) -> Result<Option<BTreeMap<String, String>>, SpecError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|source| SpecError::SidecarJson { path: path.to_owned(), source }),
+            Ok(text) => {
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|source| SpecError::SidecarJson {
+                        path: path.to_owned(),
+                        source,
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(SpecError::Sidecar { path: path.to_owned(), source }),
+            Err(source) => Err(SpecError::Sidecar {
+                path: path.to_owned(),
+                source,
+            }),
         }
     }
 
@@ -143,7 +162,10 @@ impl ModelSpec {
         let get = |key: &'static str| {
             map.get(key)
                 .map(|v| v.trim())
-                .ok_or_else(|| SpecError::MissingKey { model: model.to_owned(), key })
+                .ok_or_else(|| SpecError::MissingKey {
+                    model: model.to_owned(),
+                    key,
+                })
         };
         let invalid = |key: &'static str, value: &str, reason: &str| SpecError::Invalid {
             model: model.to_owned(),
@@ -155,7 +177,11 @@ impl ModelSpec {
         let labels_raw = get(keys::LABELS)?;
         let labels: Vec<String> = labels_raw.split(',').map(|s| s.trim().to_owned()).collect();
         if labels.len() < 2 || labels.iter().any(|l| l.is_empty()) {
-            return Err(invalid(keys::LABELS, labels_raw, "expected at least two comma-separated names"));
+            return Err(invalid(
+                keys::LABELS,
+                labels_raw,
+                "expected at least two comma-separated names",
+            ));
         }
 
         let size_raw = get(keys::INPUT_SIZE)?;
@@ -163,7 +189,13 @@ impl ModelSpec {
             .parse()
             .ok()
             .filter(|s| (8..=1024).contains(s))
-            .ok_or_else(|| invalid(keys::INPUT_SIZE, size_raw, "expected an integer between 8 and 1024"))?;
+            .ok_or_else(|| {
+                invalid(
+                    keys::INPUT_SIZE,
+                    size_raw,
+                    "expected an integer between 8 and 1024",
+                )
+            })?;
 
         let layout_raw = get(keys::LAYOUT)?;
         let layout = match layout_raw.to_ascii_uppercase().as_str() {
@@ -178,30 +210,56 @@ impl ModelSpec {
             "gray3" | "grey3" => Color::Gray3,
             "rgb" => Color::Rgb,
             "bgr" => Color::Bgr,
-            _ => return Err(invalid(keys::COLOR, color_raw, "expected gray, gray3, rgb or bgr")),
+            _ => {
+                return Err(invalid(
+                    keys::COLOR,
+                    color_raw,
+                    "expected gray, gray3, rgb or bgr",
+                ));
+            }
         };
 
         let floats = |key: &'static str| -> Result<Vec<f32>, SpecError> {
             let raw = get(key)?;
             let v: Result<Vec<f32>, _> = raw.split(',').map(|s| s.trim().parse::<f32>()).collect();
             match v {
-                Ok(v) if (v.len() == 1 || v.len() == color.channels()) && v.iter().all(|x| x.is_finite()) => {
+                Ok(v)
+                    if (v.len() == 1 || v.len() == color.channels())
+                        && v.iter().all(|x| x.is_finite()) =>
+                {
                     Ok(v)
                 }
-                _ => Err(invalid(key, raw, "expected one finite number or one per channel")),
+                _ => Err(invalid(
+                    key,
+                    raw,
+                    "expected one finite number or one per channel",
+                )),
             }
         };
         let mean = floats(keys::MEAN)?;
         let std = floats(keys::STD)?;
         if std.iter().any(|s| *s <= 0.0) {
-            return Err(invalid(keys::STD, get(keys::STD)?, "standard deviations must be positive"));
+            return Err(invalid(
+                keys::STD,
+                get(keys::STD)?,
+                "standard deviations must be positive",
+            ));
         }
 
-        let output_kind = match map.get(keys::OUTPUT_KIND).map(|s| s.trim().to_ascii_lowercase()) {
+        let output_kind = match map
+            .get(keys::OUTPUT_KIND)
+            .map(|s| s.trim().to_ascii_lowercase())
+        {
             None => OutputKind::Probabilities,
             Some(k) if k == "probabilities" => OutputKind::Probabilities,
             Some(k) if k == "logits" => OutputKind::Logits,
-            Some(k) => return Err(invalid(keys::OUTPUT_KIND, &k, "expected probabilities or logits")),
+            Some(k) => {
+                return Err(invalid(
+                    keys::OUTPUT_KIND,
+                    &k,
+                    "expected probabilities or logits",
+                ));
+            }
         };
         let crop_margin = match map.get(keys::CROP_MARGIN) {
             None => None,
@@ -210,7 +268,9 @@ impl ModelSpec {
                     .parse::<f32>()
                     .ok()
                     .filter(|m| (0.0..=1.0).contains(m))
-                    .ok_or_else(|| invalid(keys::CROP_MARGIN, raw, "expected a number between 0 and 1"))?,
+                    .ok_or_else(|| {
+                        invalid(keys::CROP_MARGIN, raw, "expected a number between 0 and 1")
+                    })?,
             ),
         };
 
@@ -247,7 +307,12 @@ impl ModelSpec {
 
     /// The contract as metadata entries, for writing into an exported ONNX file or a sidecar.
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        let join = |v: &[f32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        let join = |v: &[f32]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let mut map = self.extra.clone();
         map.insert(keys::LABELS.into(), self.labels.join(","));
         map.insert(keys::INPUT_SIZE.into(), self.input_size.to_string());
@@ -291,7 +356,10 @@ mod tests {
 
     fn baseline() -> BTreeMap<String, String> {
         [
-            (keys::LABELS, "angry,disgust,fear,happy,sad,surprise,neutral"),
+            (
+                keys::LABELS,
+                "angry,disgust,fear,happy,sad,surprise,neutral",
+            ),
             (keys::INPUT_SIZE, "64"),
             (keys::LAYOUT, "NHWC"),
             (keys::COLOR, "gray"),
@@ -311,7 +379,10 @@ mod tests {
         assert_eq!(spec.layout, Layout::Nhwc);
         assert_eq!(spec.color, Color::Gray);
         assert_eq!(spec.output_kind, OutputKind::Probabilities);
-        assert_eq!(spec.extra.get("emotiond.architecture").unwrap(), "mini-xception");
+        assert_eq!(
+            spec.extra.get("emotiond.architecture").unwrap(),
+            "mini-xception"
+        );
         let again = ModelSpec::from_map(Path::new("m.onnx"), &spec.to_map()).unwrap();
         assert_eq!(spec, again);
     }
@@ -320,12 +391,16 @@ mod tests {
     fn names_the_bad_key() {
         let mut m = baseline();
         m.insert(keys::LAYOUT.into(), "CHW".into());
-        let e = ModelSpec::from_map(Path::new("m.onnx"), &m).unwrap_err().to_string();
+        let e = ModelSpec::from_map(Path::new("m.onnx"), &m)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("emotiond.layout") && e.contains("CHW"), "{e}");
 
         let mut m = baseline();
         m.remove(keys::INPUT_SIZE);
-        let e = ModelSpec::from_map(Path::new("m.onnx"), &m).unwrap_err().to_string();
+        let e = ModelSpec::from_map(Path::new("m.onnx"), &m)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("emotiond.input_size"), "{e}");
 
         let mut m = baseline();
