@@ -78,6 +78,16 @@ pub fn start(bind: &str, port: u16) -> Result<SocketAddr, BrokerError> {
             }
         })
         .map_err(|e| BrokerError::Start(e.to_string()))?;
+    // Wait until it accepts connections, so the client's first attempt does not fail.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(BrokerError::Start(format!(
+                "nothing listens on {addr} 5 s after start"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     tracing::info!(%addr, "Embedded MQTT broker listening.");
     Ok(addr)
 }

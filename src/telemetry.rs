@@ -4,10 +4,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber (once; later calls are ignored). rumqttd is quiet unless asked.
+/// Installs the global subscriber (once; later calls are ignored). The embedded broker (rumqttd) is silent
+/// unless asked through `RUST_LOG`: it logs every closed connection as an error.
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rumqttd=warn,rumqttd::router=error")));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rumqttd=off")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -158,7 +158,7 @@ impl Source {
                     camera: self.camera.clone(),
                     element: err
                         .src()
-                        .map(|s| s.path_string().to_string())
+                        .map(|s| s.name().to_string())
                         .unwrap_or_else(|| "pipeline".into()),
                     message: err.error().to_string(),
                     debug: err.debug().map(|d| d.to_string()),
@@ -181,7 +181,7 @@ impl Source {
                             camera: self.camera.clone(),
                             element: err
                                 .src()
-                                .map(|s| s.path_string().to_string())
+                                .map(|s| s.name().to_string())
                                 .unwrap_or_else(|| "pipeline".into()),
                             message: err.error().to_string(),
                             debug: err.debug().map(|d| d.to_string()),

@@ -1,0 +1,208 @@
+//! End to end with real parts: GStreamer decodes the real sample video, YuNet/Haar find the face, the baseline
+//! model runs through ONNX Runtime, and results travel through a real MQTT broker to a real subscriber.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// The whole sample video, every frame, through mosquitto. Returns the frames received.
+fn run_sample_through_mosquitto(detect: &str) -> Vec<emotiond::pipeline::messages::FrameResult> {
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port);
+    let cfg = write_config(&format!(
+        "{}\npublish_empty = true\n{}\n[detect]\n{detect}\n",
+        mqtt_external(broker.port),
+        // Haar is slow: 5 frames per second of video is plenty to measure it.
+        camera(
+            "cam1",
+            SAMPLE,
+            false,
+            false,
+            if detect.contains("haar") { 5.0 } else { 0.0 }
+        ),
+    ));
+    let daemon = Daemon::start(&cfg.path);
+    // Non-looping file, batch mode: the daemon ends by itself when the video ends.
+    let (status, log) = daemon.wait(Duration::from_secs(300));
+    assert!(status.success(), "emotiond failed: {status}\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    sub.collect_until(Duration::from_secs(5), |m| {
+        m.iter()
+            .any(|m| m.topic.ends_with("/status") && m.payload == "offline")
+    });
+
+    let frames = sub.emotions();
+    for f in &frames {
+        check_message(f);
+        assert_eq!((f.node.as_str(), f.camera.as_str()), ("testnode", "cam1"));
+    }
+    let seqs: Vec<u64> = frames.iter().map(|f| f.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] > w[0]),
+        "sequence numbers must increase: {seqs:?}"
+    );
+    assert_eq!(sub.statuses().first().map(String::as_str), Some("online"));
+    assert_eq!(
+        sub.statuses().last().map(String::as_str),
+        Some("offline"),
+        "{:?}",
+        sub.statuses()
+    );
+    frames
+}
+
+#[test]
+fn sample_video_yunet_through_mosquitto() {
+    let frames = run_sample_through_mosquitto("backend = \"yunet\"");
+    // 19.7 s at 24 fps: every frame is processed and published (publish_empty = true).
+    assert!(frames.len() >= 450, "only {} frames arrived", frames.len());
+    let with_face = frames.iter().filter(|f| !f.faces.is_empty()).count();
+    // The woman is in every frame of the clip.
+    assert!(
+        with_face as f64 >= 0.9 * frames.len() as f64,
+        "face in {with_face} of {} frames",
+        frames.len()
+    );
+    assert!(
+        frames.iter().all(|f| f.faces.len() <= 1),
+        "one person, at most one face per frame"
+    );
+}
+
+#[test]
+fn sample_video_haar_through_mosquitto() {
+    let frames = run_sample_through_mosquitto("backend = \"haar\"");
+    assert!(frames.len() >= 80, "only {} frames arrived", frames.len());
+    let with_face = frames.iter().filter(|f| !f.faces.is_empty()).count();
+    assert!(
+        with_face as f64 >= 0.9 * frames.len() as f64,
+        "face in {with_face} of {} frames",
+        frames.len()
+    );
+}
+
+#[test]
+fn embedded_broker_serves_subscribers_and_sigterm_publishes_offline() {
+    let port = free_port();
+    let cfg = write_config(&format!(
+        "[node]\nid = \"robot\"\n[mqtt]\nbroker = \"embedded\"\nembedded_port = {port}\n{}",
+        camera("front", SAMPLE, true, true, 10.0)
+    ));
+    let mut daemon = Daemon::start(&cfg.path);
+    assert!(
+        wait_for_port(port, Duration::from_secs(30)),
+        "embedded broker never listened"
+    );
+    let mut sub = Subscriber::connect(port);
+    let got = sub.collect_until(Duration::from_secs(30), |m| {
+        m.iter().filter(|m| m.topic.ends_with("/emotions")).count() >= 20
+    });
+    assert!(
+        got,
+        "fewer than 20 messages in 30 s: {:?}",
+        sub.received.len()
+    );
+    assert!(daemon.is_running());
+    assert!(
+        sub.received
+            .iter()
+            .all(|m| m.topic.starts_with("emotiond/robot/"))
+    );
+    // max_fps = 10: frames are paced, not every 24 fps frame.
+    let frames = sub.emotions();
+    let span = frames.last().unwrap().ts_ms - frames.first().unwrap().ts_ms;
+    let rate = (frames.len() - 1) as f64 / (span as f64 / 1000.0);
+    assert!(
+        rate <= 11.5,
+        "max_fps = 10 but {rate:.1} frames/s were published"
+    );
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "exit {status}\n{log}");
+    assert!(log.contains("SIGTERM"), "{log}");
+    sub.collect_until(Duration::from_secs(5), |m| {
+        m.iter().any(|m| m.payload == "offline")
+    });
+    assert_eq!(
+        sub.statuses().last().map(String::as_str),
+        Some("offline"),
+        "{:?}",
+        sub.statuses()
+    );
+    for f in &frames {
+        check_message(f);
+    }
+}
+
+#[test]
+fn broken_camera_does_not_stop_the_good_one() {
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("broken.mp4");
+    std::fs::write(
+        &garbage,
+        (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let cfg = write_config(&format!(
+        "{}{}{}",
+        mqtt_external(broker.port),
+        camera("good", SAMPLE, true, true, 0.0),
+        camera("bad", garbage.to_str().unwrap(), true, true, 0.0),
+    ));
+    let mut daemon = Daemon::start(&cfg.path);
+    let got = sub.collect_until(Duration::from_secs(40), |m| {
+        m.iter()
+            .filter(|m| m.topic.ends_with("/good/emotions"))
+            .count()
+            >= 30
+    });
+    assert!(
+        got,
+        "the good camera published too little: {}",
+        sub.received.len()
+    );
+    assert!(!sub.received.iter().any(|m| m.topic.contains("/bad/")));
+    assert!(daemon.is_running());
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    // The broken camera's error names the camera and the GStreamer element, and says it retries.
+    assert!(
+        log.contains("camera `bad`") && log.contains("restarting the camera in"),
+        "{log}"
+    );
+    assert!(log.contains("typefind") || log.contains("demux"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn unreachable_broker_then_broker_appears() {
+    let port = free_port();
+    let cfg = write_config(&format!(
+        "{}{}",
+        mqtt_external(port),
+        camera("cam", SAMPLE, true, true, 0.0)
+    ));
+    let mut daemon = Daemon::start(&cfg.path);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        daemon.is_running(),
+        "the daemon must keep running without a broker"
+    );
+    let broker = Mosquitto::start_on(port);
+    let mut sub = Subscriber::connect(broker.port);
+    let got = sub.collect_until(Duration::from_secs(30), |m| {
+        m.iter().filter(|m| m.topic.ends_with("/emotions")).count() >= 10
+    });
+    assert!(got, "nothing published after the broker appeared");
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("unreachable") && log.contains("Reconnected"),
+        "{log}"
+    );
+}
