@@ -5,6 +5,7 @@
 //! ```
 //! `main.rs` only parses the command line; everything here is testable as a library.
 
+pub mod bench;
 pub mod broker;
 pub mod commands;
 pub mod config;

@@ -32,6 +32,8 @@ enum Command {
     },
     /// Check the config and every file it names; start nothing. Exit status 1 when invalid.
     Validate,
+    /// Measure per-stage times and end-to-end frames/s and latency on a video; prints a table.
+    Bench(emotiond::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
             emotiond::commands::classify(&config, &input, &mut stdout.lock()).map(|_| ())
         }
         Command::Validate => emotiond::commands::validate(&config).map(|msg| println!("{msg}")),
+        Command::Bench(args) => emotiond::bench::run(&config, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
