@@ -51,7 +51,12 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<()> {
     crate::pipeline::source::init().context("GStreamer could not start")?;
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
     let mut row = |stage: &str, (mean, p50, p99): (f64, f64, f64)| {
-        rows.push((stage.to_owned(), format!("{mean:.3}"), format!("{p50:.3}"), format!("{p99:.3}")));
+        rows.push((
+            stage.to_owned(),
+            format!("{mean:.3}"),
+            format!("{p50:.3}"),
+            format!("{p99:.3}"),
+        ));
     };
 
     // Decode: GStreamer as fast as it goes, BGR conversion and the copy out of the buffer included.
@@ -105,30 +110,55 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<()> {
         for d in dets {
             let t = Instant::now();
             let mut v = Vec::new();
-            crop_to_input(&f.image, face_crop_rect(w, h, d.bbox, margin, config.detect.square), &spec, &mut v)?;
+            crop_to_input(
+                &f.image,
+                face_crop_rect(w, h, d.bbox, margin, config.detect.square),
+                &spec,
+                &mut v,
+            )?;
             pre.push(ms(t.elapsed()));
             if one.is_empty() {
                 one = v;
             }
         }
     }
-    anyhow::ensure!(!one.is_empty(), "no face found in the first {} frames", frames.len());
+    anyhow::ensure!(
+        !one.is_empty(),
+        "no face found in the first {} frames",
+        frames.len()
+    );
     row("crop + preprocess (per face)", stats_ms(pre));
     for batch in [1usize, 4, 8, 16] {
         let mut times = Vec::new();
         for _ in 0..(200 / batch).max(10) {
-            let input: Vec<f32> = one.iter().copied().cycle().take(one.len() * batch).collect();
+            let input: Vec<f32> = one
+                .iter()
+                .copied()
+                .cycle()
+                .take(one.len() * batch)
+                .collect();
             let t = Instant::now();
             classifier.run(input)?;
             times.push(ms(t.elapsed()));
         }
         let (mean, p50, p99) = stats_ms(times);
-        row(&format!("infer batch {batch} (per batch; {:.2} ms/face)", mean / batch as f64), (mean, p50, p99));
+        row(
+            &format!(
+                "infer batch {batch} (per batch; {:.2} ms/face)",
+                mean / batch as f64
+            ),
+            (mean, p50, p99),
+        );
     }
     let mut ser = Vec::new();
-    let mut result = crate::pipeline::messages::FrameResult::new("bench", &frames[0], w as u32, h as u32);
+    let mut result =
+        crate::pipeline::messages::FrameResult::new("bench", &frames[0], w as u32, h as u32);
     for d in &faces[0] {
-        result.push_face(d, &spec.labels, &vec![1.0 / spec.labels.len() as f32; spec.labels.len()]);
+        result.push_face(
+            d,
+            &spec.labels,
+            &vec![1.0 / spec.labels.len() as f32; spec.labels.len()],
+        );
     }
     for _ in 0..1000 {
         let t = Instant::now();
@@ -160,7 +190,9 @@ struct EndToEnd {
 
 /// The real daemon on the video in real time, through the embedded broker to a subscriber in this process.
 fn end_to_end(config: &Config, args: &BenchArgs) -> Result<EndToEnd> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut cfg = config.clone();
     let mut cam = CameraConfig::from_uri("bench", &args.video);
     cam.looping = true;
@@ -168,14 +200,19 @@ fn end_to_end(config: &Config, args: &BenchArgs) -> Result<EndToEnd> {
     cfg.mqtt.broker = "embedded".into();
     cfg.mqtt.embedded_port = port;
     cfg.mqtt.publish_empty = true;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let daemon = tokio::spawn(crate::daemon::run(cfg, shutdown.clone()));
         let mut opts = rumqttc::MqttOptions::new("emotiond-bench", "127.0.0.1", port);
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 100);
-        client.subscribe("emotiond/+/bench/emotions", rumqttc::QoS::AtMostOnce).await?;
+        client
+            .subscribe("emotiond/+/bench/emotions", rumqttc::QoS::AtMostOnce)
+            .await?;
         let mut lat = Vec::new();
         let start = Instant::now();
         let warmup = Duration::from_secs(2);
@@ -184,7 +221,8 @@ fn end_to_end(config: &Config, args: &BenchArgs) -> Result<EndToEnd> {
             match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
                 Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
                     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64() * 1000.0;
-                    let r: crate::pipeline::messages::FrameResult = serde_json::from_slice(&p.payload)?;
+                    let r: crate::pipeline::messages::FrameResult =
+                        serde_json::from_slice(&p.payload)?;
                     if start.elapsed() > warmup {
                         lat.push(now - r.ts_ms as f64);
                     }
@@ -197,6 +235,12 @@ fn end_to_end(config: &Config, args: &BenchArgs) -> Result<EndToEnd> {
         daemon.await??;
         let count = lat.len();
         let (mean, p50, p99) = stats_ms(lat);
-        Ok(EndToEnd { fps: count as f64 / args.seconds as f64, count, mean, p50, p99 })
+        Ok(EndToEnd {
+            fps: count as f64 / args.seconds as f64,
+            count,
+            mean,
+            p50,
+            p99,
+        })
     })
 }

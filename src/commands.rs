@@ -16,7 +16,7 @@ use crate::daemon::classifier_options;
 use crate::model::Classifier;
 use crate::pipeline::classify::{self, BatchPolicy};
 use crate::pipeline::detect::Detector;
-use crate::pipeline::messages::Frame;
+use crate::pipeline::messages::{Frame, Outgoing};
 use crate::pipeline::{CameraContext, CameraStats, FrameProcessor, run_camera};
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
@@ -86,9 +86,11 @@ pub fn classify(config: &Config, input: &str, out: &mut dyn Write) -> Result<u64
             )
         });
         let mut n = 0;
-        while let Some(result) = rx.blocking_recv() {
-            writeln!(out, "{}", result.to_json())?;
-            n += 1;
+        while let Some(msg) = rx.blocking_recv() {
+            if let Outgoing::Frame(result) = msg {
+                writeln!(out, "{}", result.to_json())?;
+                n += 1;
+            }
         }
         worker
             .join()

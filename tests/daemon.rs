@@ -30,7 +30,7 @@ fn run_sample_through_mosquitto(detect: &str) -> Vec<emotiond::pipeline::message
     assert!(!log.contains("panicked"), "{log}");
     sub.collect_until(Duration::from_secs(5), |m| {
         m.iter()
-            .any(|m| m.topic.ends_with("/status") && m.payload == "offline")
+            .any(|m| m.topic == "emotiond/testnode/status" && m.payload == "offline")
     });
 
     let frames = sub.emotions();
@@ -122,7 +122,8 @@ fn embedded_broker_serves_subscribers_and_sigterm_publishes_offline() {
     assert!(status.success(), "exit {status}\n{log}");
     assert!(log.contains("SIGTERM"), "{log}");
     sub.collect_until(Duration::from_secs(5), |m| {
-        m.iter().any(|m| m.payload == "offline")
+        m.iter()
+            .any(|m| m.topic == "emotiond/robot/status" && m.payload == "offline")
     });
     assert_eq!(
         sub.statuses().last().map(String::as_str),
@@ -166,7 +167,21 @@ fn broken_camera_does_not_stop_the_good_one() {
         "the good camera published too little: {}",
         sub.received.len()
     );
-    assert!(!sub.received.iter().any(|m| m.topic.contains("/bad/")));
+    assert!(
+        !sub.received
+            .iter()
+            .any(|m| m.topic.contains("/bad/emotions"))
+    );
+    // It never delivered a frame, so it never went online.
+    assert!(
+        sub.camera_statuses("bad")
+            .iter()
+            .all(|s| s == "reconnecting"),
+        "{:?}",
+        sub.camera_statuses("bad")
+    );
+    assert!(!sub.camera_statuses("bad").is_empty());
+    assert_eq!(sub.camera_statuses("good"), ["online"]);
     assert!(daemon.is_running());
     let (status, log) = daemon.stop();
     assert!(status.success(), "{log}");

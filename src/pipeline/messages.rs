@@ -9,6 +9,33 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use opencv::core::Mat;
 use serde::{Deserialize, Serialize};
 
+/// What camera threads and the daemon hand to the publish stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// A processed frame → `<prefix>/<node>/<camera>/emotions`.
+    Frame(FrameResult),
+    /// A camera's state → retained `<prefix>/<node>/<camera>/status`.
+    CameraStatus { camera: String, state: CameraState },
+}
+
+/// A camera's state as published on its status topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CameraState {
+    Online,
+    Reconnecting,
+    Offline,
+}
+
+impl CameraState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CameraState::Online => "online",
+            CameraState::Reconnecting => "reconnecting",
+            CameraState::Offline => "offline",
+        }
+    }
+}
+
 /// Version of the published JSON; bump on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::classify::ClassifierHandle;
 use self::detect::{DetectError, Detector};
-use self::messages::{Frame, FrameResult};
+use self::messages::{CameraState, Frame, FrameResult, Outgoing};
 use self::source::{Pulled, Source};
 use crate::config::{CameraConfig, DetectConfig};
 use crate::model::{crop_to_input, face_crop_rect};
@@ -133,7 +133,7 @@ pub struct CameraContext {
     pub detect: DetectConfig,
     pub ort_library: Option<std::path::PathBuf>,
     pub classifier: ClassifierHandle,
-    pub out: mpsc::Sender<FrameResult>,
+    pub out: mpsc::Sender<Outgoing>,
     pub publish_empty: bool,
     /// Restart a failed source with backoff (daemon) or give up with the error (one-shot `classify`).
     pub retry: bool,
@@ -201,6 +201,13 @@ pub fn run_camera(
             return Err(e.to_string());
         }
     };
+    // Status changes are rare and must not be lost behind frames: they wait for room in the queue.
+    let status = |state: CameraState| {
+        let _ = ctx.out.blocking_send(Outgoing::CameraStatus {
+            camera: camera.clone(),
+            state,
+        });
+    };
     let mut backoff = Backoff::new();
     let mut dropped_since_warn = 0u64;
     let mut last_warn: Option<Instant> = None;
@@ -212,6 +219,7 @@ pub fn run_camera(
                 if !ctx.retry {
                     return Err(e.to_string());
                 }
+                status(CameraState::Reconnecting);
                 let wait = backoff.step();
                 tracing::error!(camera = %camera, "{e}; retrying in {:.1} s.", wait.as_secs_f32());
                 if !sleep_unless(&token, wait) {
@@ -221,6 +229,8 @@ pub fn run_camera(
             }
         };
         tracing::info!(camera = %camera, "Camera started.");
+        // Online once frames flow: a pipeline can start and then fail on its first buffer.
+        let mut online = false;
         while !token.is_cancelled() {
             let frame = match src.next(Duration::from_millis(100)) {
                 Ok(Pulled::Frame(f)) => f,
@@ -234,6 +244,7 @@ pub fn run_camera(
                     if !ctx.retry {
                         return Err(e.to_string());
                     }
+                    status(CameraState::Reconnecting);
                     let wait = backoff.step();
                     tracing::error!(camera = %camera, "{e}; restarting the camera in {:.1} s.", wait.as_secs_f32());
                     drop(src);
@@ -243,7 +254,11 @@ pub fn run_camera(
                     continue 'restart;
                 }
             };
-            backoff.reset();
+            if !online {
+                online = true;
+                backoff.reset();
+                status(CameraState::Online);
+            }
             stats.frames.fetch_add(1, Ordering::Relaxed);
             let result = match processor.process(&frame) {
                 Ok((r, _)) => r,
@@ -261,7 +276,7 @@ pub fn run_camera(
             }
             if cam.realtime {
                 // Never wait for the publisher: a live camera drops results rather than falling behind.
-                if ctx.out.try_send(result).is_err() {
+                if ctx.out.try_send(Outgoing::Frame(result)).is_err() {
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
                     dropped_since_warn += 1;
                     if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
@@ -270,11 +285,12 @@ pub fn run_camera(
                         last_warn = Some(Instant::now());
                     }
                 }
-            } else if ctx.out.blocking_send(result).is_err() {
+            } else if ctx.out.blocking_send(Outgoing::Frame(result)).is_err() {
                 break 'restart;
             }
         }
     }
+    status(CameraState::Offline);
     tracing::info!(camera = %camera, "Camera stopped.");
     Ok(())
 }

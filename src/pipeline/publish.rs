@@ -8,12 +8,13 @@
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
+    Outgoing as MqttOutgoing, Packet, QoS,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::messages::FrameResult;
+use super::messages::Outgoing;
 use crate::config::{BrokerAddr, MqttConfig};
 
 pub fn emotions_topic(prefix: &str, node: &str, camera: &str) -> String {
@@ -22,6 +23,10 @@ pub fn emotions_topic(prefix: &str, node: &str, camera: &str) -> String {
 
 pub fn status_topic(prefix: &str, node: &str) -> String {
     format!("{prefix}/{node}/status")
+}
+
+pub fn camera_status_topic(prefix: &str, node: &str, camera: &str) -> String {
+    format!("{prefix}/{node}/{camera}/status")
 }
 
 fn qos(level: u8) -> QoS {
@@ -40,11 +45,7 @@ pub struct PublishStats {
 }
 
 /// Runs until `rx` closes (every producer is gone), then publishes `offline`, disconnects and returns.
-pub async fn run(
-    cfg: MqttConfig,
-    node: String,
-    mut rx: mpsc::Receiver<FrameResult>,
-) -> PublishStats {
+pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>) -> PublishStats {
     let (host, port) = match cfg.addr() {
         Ok(BrokerAddr::Embedded { bind, port }) => (connect_host(&bind), port),
         Ok(BrokerAddr::External { host, port }) => (host, port),
@@ -88,9 +89,20 @@ pub async fn run(
 
     let mut stats = PublishStats::default();
     let level = qos(cfg.qos);
-    while let Some(result) = rx.recv().await {
-        let topic = emotions_topic(&cfg.topic_prefix, &node, &result.camera);
-        match client.publish(topic, level, false, result.to_json()).await {
+    while let Some(msg) = rx.recv().await {
+        let (topic, qos, retain, payload) = match msg {
+            Outgoing::Frame(r) => (
+                emotions_topic(&cfg.topic_prefix, &node, &r.camera),
+                level,
+                false,
+                r.to_json(),
+            ),
+            Outgoing::CameraStatus { camera, state } => {
+                let topic = camera_status_topic(&cfg.topic_prefix, &node, &camera);
+                (topic, QoS::AtLeastOnce, true, state.as_str().to_owned())
+            }
+        };
+        match client.publish(topic, qos, retain, payload).await {
             Ok(()) => stats.published += 1,
             Err(e) => {
                 stats.failed += 1;
@@ -154,7 +166,7 @@ async fn drive(
                 backoff = Duration::from_millis(500);
                 let _ = client.try_publish(&status, QoS::AtLeastOnce, true, "online");
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(Event::Outgoing(MqttOutgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
                 if matches!(e, ConnectionError::RequestsDone) {

@@ -179,10 +179,20 @@ impl Subscriber {
             .collect()
     }
 
+    /// Payloads of the node's retained status topic `emotiond/<node>/status`, in arrival order.
     pub fn statuses(&self) -> Vec<String> {
         self.received
             .iter()
-            .filter(|m| m.topic.ends_with("/status"))
+            .filter(|m| m.topic.ends_with("/status") && m.topic.split('/').count() == 3)
+            .map(|m| m.payload.clone())
+            .collect()
+    }
+
+    /// Payloads of a camera's retained status topic `emotiond/<node>/<camera>/status`.
+    pub fn camera_statuses(&self, camera: &str) -> Vec<String> {
+        self.received
+            .iter()
+            .filter(|m| m.topic.ends_with(&format!("/{camera}/status")))
             .map(|m| m.payload.clone())
             .collect()
     }
