@@ -206,7 +206,11 @@ fn end_to_end(config: &Config, args: &BenchArgs) -> Result<EndToEnd> {
         .build()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
-        let daemon = tokio::spawn(crate::daemon::run(cfg, shutdown.clone()));
+        let opts = crate::daemon::RunOptions {
+            shutdown: shutdown.clone(),
+            ..Default::default()
+        };
+        let daemon = tokio::spawn(crate::daemon::run(cfg, opts));
         let mut opts = rumqttc::MqttOptions::new("emotiond-bench", "127.0.0.1", port);
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 100);

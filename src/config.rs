@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,26 @@ pub struct Config {
     pub classify: ClassifyConfig,
     /// Where results are published.
     pub mqtt: MqttConfig,
+    /// Prometheus endpoint and the periodic stats message.
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the endpoint.
+    pub listen: String,
+    /// Seconds between stats messages on `<prefix>/<node>/stats`; 0 disables them.
+    pub stats_interval_s: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9108".into(),
+            stats_interval_s: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -119,6 +140,13 @@ pub struct CameraConfig {
     /// previous one is processed are dropped. `false`: process every frame as fast as possible (batch jobs).
     #[serde(default = "yes")]
     pub realtime: bool,
+    /// Restart the camera's pipeline when no frame has arrived for this many seconds (0 = never).
+    #[serde(default = "default_stall")]
+    pub stall_timeout_s: f64,
+}
+
+fn default_stall() -> f64 {
+    10.0
 }
 
 fn yes() -> bool {
@@ -144,7 +172,13 @@ impl CameraConfig {
             max_fps: 0.0,
             looping: false,
             realtime: true,
+            stall_timeout_s: default_stall(),
         }
+    }
+
+    /// The stall limit, if any.
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        (self.stall_timeout_s > 0.0).then(|| Duration::from_secs_f64(self.stall_timeout_s))
     }
 
     /// The source, with plain paths turned into absolute `file://` URIs.
@@ -487,6 +521,12 @@ impl Config {
             if let Err(e) = cam.source() {
                 errs.push(e);
             }
+            if !(cam.stall_timeout_s >= 0.0 && cam.stall_timeout_s.is_finite()) {
+                errs.push(format!(
+                    "camera `{}`: stall_timeout_s must be 0 (never) or positive",
+                    cam.id
+                ));
+            }
             if !(cam.max_fps >= 0.0 && cam.max_fps.is_finite()) {
                 errs.push(format!(
                     "camera `{}`: max_fps must be 0 (unlimited) or positive",
@@ -575,6 +615,14 @@ impl Config {
         }
         if m.queue == 0 {
             errs.push("mqtt.queue must be at least 1".into());
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            errs.push(format!(
+                "metrics.listen {:?}: expected ip:port such as 127.0.0.1:9108, or \"\" to disable",
+                self.metrics.listen
+            ));
         }
         if m.password.is_some() && m.username.is_none() {
             errs.push("mqtt.password is set but mqtt.username is not".into());

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     };
     emotiond::telemetry::init_logging(config.log.format, &config.log.level);
     let result = match cli.command {
-        Command::Run => run(config),
+        Command::Run => run(config, cli.config),
         Command::Classify { input } => {
             let stdout = std::io::stdout();
             emotiond::commands::classify(&config, &input, &mut stdout.lock()).map(|_| ())
@@ -65,30 +65,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
         let shutdown = CancellationToken::new();
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let (mut term, mut int, mut hup) = (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        );
         let signals = shutdown.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("Could not install signal handlers; stop the daemon with SIGKILL.");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received; shutting down."),
-                _ = int.recv() => tracing::info!("SIGINT received; shutting down."),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM received; shutting down."); break }
+                    _ = int.recv() => { tracing::info!("SIGINT received; shutting down."); break }
+                    _ = hup.recv() => { let _ = reload_tx.try_send(()); }
+                }
             }
             signals.cancel();
         });
-        emotiond::daemon::run(config, shutdown).await?;
+        let opts = emotiond::daemon::RunOptions {
+            shutdown,
+            reload: Some(reload_rx),
+            config_path,
+        };
+        emotiond::daemon::run(config, opts).await?;
         Ok(())
     })
 }

@@ -221,3 +221,105 @@ fn unreachable_broker_then_broker_appears() {
         "{log}"
     );
 }
+
+#[test]
+fn sighup_rejects_a_broken_config_then_hot_swaps_the_model_and_metrics_report_it() {
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port);
+    let metrics_port = free_port();
+    let base = format!(
+        "{}[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\nstats_interval_s = 1\n{}",
+        mqtt_external(broker.port),
+        camera("cam", SAMPLE, true, true, 0.0)
+    );
+    let cfg = write_config(&base);
+    let mut daemon = Daemon::start_with(
+        &cfg.path,
+        &[(
+            "EMOTIOND__METRICS__LISTEN",
+            &format!("127.0.0.1:{metrics_port}"),
+        )],
+    );
+    assert!(sub.collect_until(Duration::from_secs(30), |m| {
+        m.iter().filter(|m| m.topic.ends_with("/emotions")).count() >= 10
+    }));
+    let labels = |f: &emotiond::pipeline::messages::FrameResult| {
+        f.faces[0].probabilities.keys().cloned().collect::<Vec<_>>()
+    };
+    assert!(labels(&sub.emotions()[0]).contains(&"happy".to_string()));
+
+    // The endpoints answer while frames flow.
+    let (code, body) = http_get(metrics_port, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("emotiond_frames_received_total{camera=\"cam\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("emotiond_inference_seconds_bucket{le=\"+Inf\"}"),
+        "{body}"
+    );
+    assert_eq!(http_get(metrics_port, "/healthz").0, 200);
+    let (code, why) = http_get(metrics_port, "/readyz");
+    assert_eq!(code, 200, "{why}");
+    // The stats message arrives every second.
+    assert!(sub.collect_until(Duration::from_secs(5), |m| {
+        m.iter().any(|m| m.topic == "emotiond/testnode/stats")
+    }));
+    let stats = sub
+        .received
+        .iter()
+        .find(|m| m.topic.ends_with("/stats"))
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats.payload).unwrap();
+    assert!(
+        stats["cameras"]["cam"]["frames"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+
+    // A broken config is rejected; the daemon keeps running on the old one.
+    std::fs::write(&cfg.path, format!("{base}[classify]\nmax_btch = 4\n")).unwrap();
+    daemon.signal("HUP");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(daemon.is_running());
+
+    // A new model: the same network with a contract that renames its labels, so the messages show the swap.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("renamed.onnx");
+    std::fs::copy("models/fer2013_mini_xception_64.onnx", &model).unwrap();
+    let sidecar = std::fs::read_to_string("models/fer2013_mini_xception_64.onnx.json")
+        .unwrap()
+        .replace(
+            "angry,disgust,fear,happy,sad,surprise,neutral",
+            "r-angry,r-disgust,r-fear,r-happy,r-sad,r-surprise,r-neutral",
+        );
+    std::fs::write(dir.path().join("renamed.onnx.json"), sidecar).unwrap();
+    std::fs::write(
+        &cfg.path,
+        format!("{base}[classify]\nmodel = \"{}\"\n", model.display()),
+    )
+    .unwrap();
+    daemon.signal("HUP");
+    let swapped = sub.collect_until(Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|m| m.topic.ends_with("/emotions") && m.payload.contains("\"r-happy\""))
+    });
+    assert!(swapped, "no message from the new model after SIGHUP");
+    assert!(daemon.is_running());
+    assert!(
+        http_get(metrics_port, "/metrics")
+            .1
+            .contains("emotiond_model_reloads_total 1")
+    );
+    // Frames kept flowing: sequence numbers never restarted (the stream was not dropped).
+    let seqs: Vec<u64> = sub.emotions().iter().map(|f| f.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("Reload rejected") && log.contains("max_btch"),
+        "{log}"
+    );
+    assert!(log.contains("Model reloaded"), "{log}");
+}

@@ -16,6 +16,8 @@ pub enum Outgoing {
     Frame(FrameResult),
     /// A camera's state → retained `<prefix>/<node>/<camera>/status`.
     CameraStatus { camera: String, state: CameraState },
+    /// The periodic stats JSON → `<prefix>/<node>/stats`.
+    Stats(String),
 }
 
 /// A camera's state as published on its status topic.

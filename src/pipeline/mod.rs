@@ -16,7 +16,7 @@ pub mod publish;
 pub mod source;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use opencv::core::Mat;
@@ -30,9 +30,9 @@ use self::messages::{CameraState, Frame, FrameResult, Outgoing};
 use self::source::{Pulled, Source};
 use crate::config::{CameraConfig, DetectConfig};
 use crate::model::{crop_to_input, face_crop_rect};
+use crate::telemetry::Histogram;
 
-/// Counters for one camera, shared with whoever reports them.
-#[derive(Debug, Default)]
+/// Counters for one camera, shared with whoever reports them (`/metrics`, the stats message, the watchdog).
 pub struct CameraStats {
     /// Frames pulled from the source.
     pub frames: AtomicU64,
@@ -42,8 +42,53 @@ pub struct CameraStats {
     pub dropped: AtomicU64,
     /// Faces classified.
     pub faces: AtomicU64,
-    /// Source (re)starts that failed or streams that broke.
+    /// Source (re)starts that failed, streams that broke, and stalls.
     pub errors: AtomicU64,
+    /// Frames are flowing.
+    pub online: AtomicBool,
+    /// Detection time per frame.
+    pub detect_seconds: Histogram,
+    /// Processed frames per second over the last second, as f64 bits.
+    fps_bits: AtomicU64,
+    /// Last time the camera thread was alive (its loop turns at least every 100 ms), ms since `EPOCH`.
+    beat_ms: AtomicU64,
+}
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+impl Default for CameraStats {
+    fn default() -> Self {
+        Self {
+            frames: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            faces: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            online: AtomicBool::new(false),
+            detect_seconds: Histogram::new(crate::telemetry::metrics::LATENCY_BUCKETS),
+            fps_bits: AtomicU64::new(0),
+            beat_ms: AtomicU64::new(EPOCH.elapsed().as_millis() as u64),
+        }
+    }
+}
+
+impl CameraStats {
+    pub fn fps(&self) -> f64 {
+        f64::from_bits(self.fps_bits.load(Ordering::Relaxed))
+    }
+
+    fn beat(&self) {
+        self.beat_ms
+            .store(EPOCH.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the camera thread last showed it is alive.
+    pub fn since_beat(&self) -> Duration {
+        Duration::from_millis(
+            (EPOCH.elapsed().as_millis() as u64)
+                .saturating_sub(self.beat_ms.load(Ordering::Relaxed)),
+        )
+    }
 }
 
 /// Time spent in each step of one frame.
@@ -165,10 +210,11 @@ impl Backoff {
     }
 }
 
-/// Sleeps `d` unless cancelled first; returns false when cancelled.
-fn sleep_unless(token: &CancellationToken, d: Duration) -> bool {
+/// Sleeps `d` unless cancelled first (the thread keeps beating); returns false when cancelled.
+fn sleep_unless(token: &CancellationToken, stats: &CameraStats, d: Duration) -> bool {
     let until = Instant::now() + d;
     while Instant::now() < until {
+        stats.beat();
         if token.is_cancelled() {
             return false;
         }
@@ -222,7 +268,7 @@ pub fn run_camera(
                 status(CameraState::Reconnecting);
                 let wait = backoff.step();
                 tracing::error!(camera = %camera, "{e}; retrying in {:.1} s.", wait.as_secs_f32());
-                if !sleep_unless(&token, wait) {
+                if !sleep_unless(&token, &stats, wait) {
                     break;
                 }
                 continue;
@@ -231,37 +277,62 @@ pub fn run_camera(
         tracing::info!(camera = %camera, "Camera started.");
         // Online once frames flow: a pipeline can start and then fail on its first buffer.
         let mut online = false;
+        let mut last_frame = Instant::now();
+        let (mut window_start, mut window_frames) = (Instant::now(), 0u32);
         while !token.is_cancelled() {
-            let frame = match src.next(Duration::from_millis(100)) {
-                Ok(Pulled::Frame(f)) => f,
-                Ok(Pulled::Idle) => continue,
+            stats.beat();
+            let failure = match src.next(Duration::from_millis(100)) {
+                Ok(Pulled::Frame(f)) => Ok(f),
+                Ok(Pulled::Idle) => match cam.stall_timeout() {
+                    Some(limit) if last_frame.elapsed() > limit => Err(format!(
+                        "camera `{camera}`: no frame for {:.0} s (stalled)",
+                        last_frame.elapsed().as_secs_f32()
+                    )),
+                    _ => continue,
+                },
                 Ok(Pulled::End) => {
                     tracing::info!(camera = %camera, frames = src.seq(), "Camera stream ended.");
                     break 'restart;
                 }
+                Err(e) => Err(e.to_string()),
+            };
+            let frame = match failure {
+                Ok(f) => f,
                 Err(e) => {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.online.store(false, Ordering::Relaxed);
                     if !ctx.retry {
-                        return Err(e.to_string());
+                        return Err(e);
                     }
                     status(CameraState::Reconnecting);
                     let wait = backoff.step();
                     tracing::error!(camera = %camera, "{e}; restarting the camera in {:.1} s.", wait.as_secs_f32());
                     drop(src);
-                    if !sleep_unless(&token, wait) {
+                    if !sleep_unless(&token, &stats, wait) {
                         break 'restart;
                     }
                     continue 'restart;
                 }
             };
+            last_frame = Instant::now();
             if !online {
                 online = true;
                 backoff.reset();
+                stats.online.store(true, Ordering::Relaxed);
                 status(CameraState::Online);
+            }
+            window_frames += 1;
+            if window_start.elapsed() >= Duration::from_secs(1) {
+                let fps = window_frames as f64 / window_start.elapsed().as_secs_f64();
+                stats.fps_bits.store(fps.to_bits(), Ordering::Relaxed);
+                (window_start, window_frames) = (Instant::now(), 0);
             }
             stats.frames.fetch_add(1, Ordering::Relaxed);
             let result = match processor.process(&frame) {
-                Ok((r, _)) => r,
+                Ok((r, times)) => {
+                    stats.detect_seconds.observe_duration(times.detect);
+                    r
+                }
                 Err(e) => {
                     tracing::error!(camera = %camera, seq = frame.seq, "Frame skipped: {e}.");
                     continue;
@@ -290,6 +361,7 @@ pub fn run_camera(
             }
         }
     }
+    stats.online.store(false, Ordering::Relaxed);
     status(CameraState::Offline);
     tracing::info!(camera = %camera, "Camera stopped.");
     Ok(())

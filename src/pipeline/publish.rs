@@ -97,13 +97,24 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
                 false,
                 r.to_json(),
             ),
+            Outgoing::Stats(json) => (
+                format!("{}/{node}/stats", cfg.topic_prefix),
+                QoS::AtMostOnce,
+                false,
+                json,
+            ),
             Outgoing::CameraStatus { camera, state } => {
                 let topic = camera_status_topic(&cfg.topic_prefix, &node, &camera);
                 (topic, QoS::AtLeastOnce, true, state.as_str().to_owned())
             }
         };
         match client.publish(topic, qos, retain, payload).await {
-            Ok(()) => stats.published += 1,
+            Ok(()) => {
+                stats.published += 1;
+                crate::telemetry::metrics()
+                    .published
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(e) => {
                 stats.failed += 1;
                 tracing::warn!("Could not queue an MQTT message: {e}.");
@@ -164,6 +175,9 @@ async fn drive(
                     None => tracing::info!(broker = %addr, "Connected to the MQTT broker."),
                 }
                 backoff = Duration::from_millis(500);
+                crate::telemetry::metrics()
+                    .mqtt_connected
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let _ = client.try_publish(&status, QoS::AtLeastOnce, true, "online");
             }
             Ok(Event::Outgoing(MqttOutgoing::Disconnect)) => return,
@@ -171,6 +185,13 @@ async fn drive(
             Err(e) => {
                 if matches!(e, ConnectionError::RequestsDone) {
                     return;
+                }
+                let m = crate::telemetry::metrics();
+                if m.mqtt_connected
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    m.mqtt_reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if down_since.is_none() {
                     down_since = Some(std::time::Instant::now());

@@ -231,10 +231,20 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &Path, envs: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            // Tests run daemons side by side: each gets its own metrics port unless the test chose one.
+            .env(
+                "EMOTIOND__METRICS__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -338,4 +348,23 @@ pub fn check_message(r: &FrameResult) {
         );
         assert!((f.bbox.w / r.frame.width as f32 - b.w).abs() < 1e-4);
     }
+}
+
+/// A plain HTTP GET on loopback; returns (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }

@@ -17,3 +17,9 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+pub mod http;
+pub mod metrics;
+pub mod sd_notify;
+
+pub use metrics::{Histogram, Metrics, metrics};
