@@ -14,6 +14,7 @@ PACKAGES=(
   build-essential pkg-config clang libclang-dev
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-tools
+  libgstrtspserver-1.0-dev
   libopencv-dev opencv-data
   mosquitto mosquitto-clients
   python3 python3-pip ca-certificates curl

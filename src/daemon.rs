@@ -189,6 +189,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<RunSummary, DaemonE
             processed = s.processed.load(Ordering::Relaxed),
             faces = s.faces.load(Ordering::Relaxed),
             dropped = s.dropped.load(Ordering::Relaxed),
+            dropped_at_source = s.source_dropped.load(Ordering::Relaxed),
             "Camera totals."
         );
     }
@@ -255,6 +256,7 @@ async fn stats_loop(
                     "frames": ld(&s.frames),
                     "processed": ld(&s.processed),
                     "dropped": ld(&s.dropped),
+                    "dropped_at_source": ld(&s.source_dropped),
                     "faces": ld(&s.faces),
                     "restarts": ld(&s.errors),
                     "detect_ms": (s.detect_seconds.mean() * 1e5).round() / 100.0,

@@ -40,6 +40,8 @@ pub struct CameraStats {
     pub processed: AtomicU64,
     /// Results dropped because the publish queue was full.
     pub dropped: AtomicU64,
+    /// Frames dropped at the source because detection/inference was still busy (overload).
+    pub source_dropped: AtomicU64,
     /// Faces classified.
     pub faces: AtomicU64,
     /// Source (re)starts that failed, streams that broke, and stalls.
@@ -62,6 +64,7 @@ impl Default for CameraStats {
             frames: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            source_dropped: AtomicU64::new(0),
             faces: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             online: AtomicBool::new(false),
@@ -279,6 +282,8 @@ pub fn run_camera(
         let mut online = false;
         let mut last_frame = Instant::now();
         let (mut window_start, mut window_frames) = (Instant::now(), 0u32);
+        // Source drops of earlier pipeline instances of this camera.
+        let dropped_before = stats.source_dropped.load(Ordering::Relaxed);
         while !token.is_cancelled() {
             stats.beat();
             let failure = match src.next(Duration::from_millis(100)) {
@@ -321,6 +326,9 @@ pub fn run_camera(
                 stats.online.store(true, Ordering::Relaxed);
                 status(CameraState::Online);
             }
+            stats
+                .source_dropped
+                .store(dropped_before + src.dropped(), Ordering::Relaxed);
             window_frames += 1;
             if window_start.elapsed() >= Duration::from_secs(1) {
                 let fps = window_frames as f64 / window_start.elapsed().as_secs_f64();

@@ -63,6 +63,8 @@ pub struct Source {
     seq: u64,
     /// Samples pulled but skipped by the frame-rate cap.
     pub skipped: u64,
+    /// Buffers that reached the appsink, counted in GStreamer's streaming thread (a counter, never a wait).
+    arrived: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Makes sure GStreamer is initialised (idempotent).
@@ -124,6 +126,14 @@ impl Source {
         sink.set_sync(cam.realtime && is_file);
         let is_live_uri = matches!(&kind, SourceKind::Uri(u) if !u.starts_with("file://"));
         let live = is_live_uri || matches!(kind, SourceKind::Device(_));
+        let arrived = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if let Some(pad) = sink.static_pad("sink") {
+            let counter = arrived.clone();
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                gst::PadProbeReturn::Ok
+            });
+        }
 
         let src = Self {
             camera: camera.clone(),
@@ -137,6 +147,7 @@ impl Source {
             last_emit: None,
             seq: 0,
             skipped: 0,
+            arrived,
         };
         if let Err(e) = src.pipeline.set_state(gst::State::Playing) {
             let err = src.bus_error().unwrap_or(SourceError::Start {
@@ -257,6 +268,15 @@ impl Source {
     }
 
     fn end_of_stream(&mut self) -> Result<Pulled, SourceError> {
+        if self.live {
+            // A camera or network stream has no end: EOS means it went away, so the caller reconnects.
+            return Err(SourceError::Stream {
+                camera: self.camera.clone(),
+                element: "source".into(),
+                message: "the stream ended (EOS)".into(),
+                debug: None,
+            });
+        }
         if !self.looping {
             return Ok(Pulled::End);
         }
@@ -310,6 +330,14 @@ impl Source {
     /// Frames delivered so far.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// Frames the appsink dropped because we were still busy with an older one (real-time sources only):
+    /// what reached it minus what we pulled. The newest frame may still be waiting, hence the saturation.
+    pub fn dropped(&self) -> u64 {
+        self.arrived
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(self.seq + self.skipped + 1)
     }
 }
 

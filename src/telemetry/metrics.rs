@@ -183,13 +183,24 @@ impl Metrics {
             "Frames detected and classified.",
             &|s| ld(&s.processed).to_string(),
         );
-        per_camera(
+        family(
             &mut o,
             "emotiond_frames_dropped_total",
             "counter",
-            "Results dropped because the publish queue was full.",
-            &|s| ld(&s.dropped).to_string(),
+            "Frames dropped: at the source while busy (overload), or results refused by a full publish queue.",
         );
+        for (id, s) in &cams {
+            let _ = writeln!(
+                o,
+                "emotiond_frames_dropped_total{{camera=\"{id}\",reason=\"source\"}} {}",
+                ld(&s.source_dropped)
+            );
+            let _ = writeln!(
+                o,
+                "emotiond_frames_dropped_total{{camera=\"{id}\",reason=\"publish_queue\"}} {}",
+                ld(&s.dropped)
+            );
+        }
         per_camera(
             &mut o,
             "emotiond_faces_total",
