@@ -168,6 +168,7 @@ fn systemd_unit_has_the_service_contract() {
         "User=emotiond",
         "SupplementaryGroups=video",
         "Environment=EMOTIOND_CONFIG=/etc/emotiond/emotiond.toml",
+        "Environment=ORT_DISABLE_TELEMETRY=1",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ProtectHome=yes",
@@ -729,4 +730,49 @@ fn kubernetes_manifests_pass_kubernetes_validate() {
         !out.status.success(),
         "kubernetes-validate accepted a misspelt field"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// ONNX Runtime telemetry
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The PyPI build of ONNX Runtime collects telemetry (a queue under ~/.cache/Microsoft/DeveloperTools, uploaded to
+/// Microsoft). Everything this repository deploys sets ORT_DISABLE_TELEMETRY=1; check that the variable really
+/// turns it off with the library we ship, and that without it the queue appears (so the check can fail).
+#[test]
+fn onnxruntime_telemetry_is_off_where_we_deploy() {
+    for (file, line) in [
+        (UNIT, "Environment=ORT_DISABLE_TELEMETRY=1"),
+        ("deploy/Dockerfile", "ORT_DISABLE_TELEMETRY=1"),
+        ("deploy/Dockerfile.cuda", "ORT_DISABLE_TELEMETRY=1"),
+    ] {
+        let body = std::fs::read_to_string(root().join(file)).unwrap();
+        assert!(body.contains(line), "{file} lacks {line}");
+    }
+    let queue_after = |disable: bool| {
+        let home = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(root())
+            .args(["classify", "media/single_face.jpg"])
+            .env_remove("EMOTIOND_CONFIG")
+            .env_remove("XDG_CACHE_HOME")
+            .env("HOME", home.path());
+        if disable {
+            cmd.env("ORT_DISABLE_TELEMETRY", "1");
+        } else {
+            cmd.env_remove("ORT_DISABLE_TELEMETRY");
+        }
+        let out = run(&mut cmd);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        home.path().join(".cache/Microsoft/DeveloperTools").exists()
+    };
+    assert!(
+        !queue_after(true),
+        "ORT_DISABLE_TELEMETRY=1 no longer stops ONNX Runtime's telemetry"
+    );
+    if !queue_after(false) {
+        skip(
+            "this ONNX Runtime build keeps no telemetry queue: ORT_DISABLE_TELEMETRY is not exercised",
+        );
+    }
 }
