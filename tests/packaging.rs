@@ -195,6 +195,101 @@ fn systemd_unit_has_the_service_contract() {
     );
 }
 
+/// Every system call the daemon makes in a real run (sample video, YuNet, emotion model, embedded broker, publish,
+/// SIGINT shutdown) is allowed by the unit's `SystemCallFilter=`, as this machine's systemd defines the sets.
+#[test]
+fn daemon_syscalls_are_inside_the_units_filter() {
+    let (Some(sa), Some(strace)) = (find_tool("systemd-analyze"), find_tool("strace")) else {
+        return skip(
+            "systemd-analyze or strace is not installed: the syscall filter was not checked against a run",
+        );
+    };
+    let unit = unit_text();
+    let filters: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.starts_with("SystemCallFilter="))
+        .collect();
+    assert_eq!(
+        filters,
+        [
+            "SystemCallFilter=@system-service",
+            "SystemCallFilter=~@privileged"
+        ],
+        "the unit's filter changed: update this test's model of it"
+    );
+    fn expand(sa: &Path, set: &str, out: &mut BTreeSet<String>) {
+        let o = run(Command::new(sa).args(["syscall-filter", "--no-pager", set]));
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        for l in text(&o.stdout).lines().skip(1) {
+            let Some(name) = l.strip_prefix("    ") else {
+                break;
+            };
+            if name.starts_with('#') || name.is_empty() {
+                continue;
+            }
+            if name.starts_with('@') {
+                expand(sa, name, out);
+            } else {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
+    expand(&sa, "@system-service", &mut allowed);
+    expand(&sa, "@privileged", &mut denied);
+    assert!(
+        allowed.len() > 200 && denied.contains("setuid"),
+        "{allowed:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("strace.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run(Command::new(strace)
+        .current_dir(root())
+        .args(["-f", "-qq", "-o"])
+        .arg(&log)
+        .args(["timeout", "-s", "INT", "10"])
+        .args([BIN, "run"])
+        .env_remove("EMOTIOND_CONFIG")
+        .env("EMOTIOND__MQTT__EMBEDDED_PORT", port.to_string())
+        .env("ORT_DISABLE_TELEMETRY", "1")
+        .env("HOME", dir.path()));
+    let trace = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        trace.contains("sample.mp4") && trace.contains(&format!("htons({port})")),
+        "the daemon did not open the video and the broker port:\n{}",
+        text(&out.stderr)
+    );
+    let used: BTreeSet<String> = trace
+        .lines()
+        .filter_map(|l| {
+            let call = l.split_once(' ')?.1.trim_start();
+            let name: String = call
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty() && call[name.len()..].starts_with('(')).then_some(name)
+        })
+        .collect();
+    assert!(
+        used.len() > 40 && used.contains("ioctl"),
+        "strace saw only {used:?}"
+    );
+    let outside: Vec<_> = used
+        .iter()
+        .filter(|c| !allowed.contains(*c) || denied.contains(*c))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "the unit's filter would refuse {outside:?} (used: {used:?})"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // MemoryDenyWriteExecute=yes against the real pipeline
 // ---------------------------------------------------------------------------------------------------------------
