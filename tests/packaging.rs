@@ -280,6 +280,16 @@ fn daemon_syscalls_are_inside_the_units_filter() {
         used.len() > 40 && used.contains("ioctl"),
         "strace saw only {used:?}"
     );
+    // systemd's MemoryDenyWriteExecute= seccomp rule, exactly: no writable+executable mmap, no mprotect/pkey_mprotect
+    // with PROT_EXEC at all, no executable shmat. (ORC's double mapping shows up as a shared PROT_READ|PROT_EXEC.)
+    for l in trace.lines() {
+        let wx = l.contains("PROT_WRITE|PROT_EXEC") || l.contains("PROT_EXEC|PROT_WRITE");
+        let refused = (l.contains(" mmap(") && wx)
+            || ((l.contains(" mprotect(") || l.contains(" pkey_mprotect("))
+                && l.contains("PROT_EXEC"))
+            || (l.contains(" shmat(") && l.contains("SHM_EXEC"));
+        assert!(!refused, "MemoryDenyWriteExecute=yes would refuse: {l}");
+    }
     let outside: Vec<_> = used
         .iter()
         .filter(|c| !allowed.contains(*c) || denied.contains(*c))
