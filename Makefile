@@ -27,3 +27,9 @@ bench: build
 
 clean:
 	$(CARGO) clean
+
+# Debian package of a release build: target/debian/emotiond_<version>-1_<arch>.deb (docs/deploy.md).
+.PHONY: deb
+deb: deps
+	command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install cargo-deb --version 3.8.0 --locked
+	$(CARGO) deb --locked
