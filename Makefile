@@ -17,7 +17,8 @@ run: build
 	deploy/demo.sh target/release/emotiond
 
 test: deps
-	$(CARGO) test --locked -- --test-threads=2
+	deploy/install-test-tools.sh
+	PATH="$(CURDIR)/.cache/test-tools/bin:$$PATH" $(CARGO) test --locked -- --test-threads=2
 
 validate: build
 	target/release/emotiond validate $(if $(CONFIG),--config $(CONFIG),)

@@ -3,6 +3,8 @@
 # MQTT broker on 127.0.0.1:1883) and prints every message it publishes, using mosquitto_sub as a subscriber
 # would. Ctrl-C stops both.
 set -euo pipefail
+# The daemon turns ONNX Runtime's usage telemetry off itself; this keeps tools run from here quiet too.
+export ORT_DISABLE_TELEMETRY=1
 bin="${1:-target/release/emotiond}"
 port="${EMOTIOND__MQTT__EMBEDDED_PORT:-1883}"
 

@@ -17,7 +17,7 @@ PACKAGES=(
   libgstrtspserver-1.0-dev
   libopencv-dev opencv-data
   mosquitto mosquitto-clients
-  python3 python3-pip ca-certificates curl
+  python3 python3-pip python3-venv ca-certificates curl
 )
 
 missing=()
@@ -61,7 +61,7 @@ PY
   lib="$(ls "$tmp"/x/onnxruntime/capi/libonnxruntime.so.* | head -n1)"
   $SUDO install -m 0644 "$lib" "$ORT_DIR/$(basename "$lib")"
   $SUDO ln -sf "$(basename "$lib")" "$ORT_DIR/libonnxruntime.so"
-  for f in "$tmp"/x/onnxruntime-*.dist-info/LICENSE* "$tmp"/x/onnxruntime/ThirdPartyNotices.txt; do
+  for f in "$tmp"/x/onnxruntime/LICENSE "$tmp"/x/onnxruntime-*.dist-info/LICENSE* "$tmp"/x/onnxruntime/ThirdPartyNotices.txt; do
     [ -f "$f" ] && $SUDO install -m 0644 "$f" "$ORT_DIR/" || true
   done
   echo "$ORT_VERSION" | $SUDO tee "$ORT_DIR/VERSION" >/dev/null

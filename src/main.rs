@@ -37,6 +37,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Microsoft's ONNX Runtime builds send usage telemetry unless told not to. Set before any thread exists.
+    // SAFETY: nothing else runs yet, so no other thread can read the environment concurrently.
+    unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,

