@@ -5,4 +5,6 @@
 //! ```
 //! `main.rs` only parses the command line; everything here is testable as a library.
 
+pub mod eval;
 pub mod model;
+pub mod train;
