@@ -314,7 +314,9 @@ pub mod plot {
             .x_desc("predicted")
             .y_desc("true")
             .x_label_formatter(&|x| FER_LABELS.get(*x as usize).map(|s| s.to_string()).unwrap_or_default())
-            .y_label_formatter(&|y| FER_LABELS.get(K - 1 - *y as usize).map(|s| s.to_string()).unwrap_or_default())
+            .y_label_formatter(&|y| {
+                (K as i32 - 1 - *y).try_into().ok().and_then(|i: usize| FER_LABELS.get(i)).map(|s| s.to_string()).unwrap_or_default()
+            })
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err(path))?;

@@ -67,7 +67,7 @@ mod tests {
     }
 
     fn scalar(t: Tensor<1>) -> f32 {
-        t.into_data().to_vec::<f32>().unwrap()[0]
+        t.into_data().try_to_vec::<f32>().unwrap()[0]
     }
 
     #[test]
@@ -107,7 +107,7 @@ mod tests {
             let target = t2(&[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], &d);
             let l = loss(logits.clone(), target, None, LossKind::Focal { alpha: 0.25, gamma });
             let grads = l.backward();
-            let g = logits.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            let g = logits.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
             assert!(g.iter().all(|v| v.is_finite()), "γ={gamma}: {g:?}");
         }
     }

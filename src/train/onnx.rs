@@ -178,7 +178,7 @@ fn value_info(name: &str, dims: &[Result<i64, &str>]) -> ValueInfoProto {
 }
 
 fn data<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 tensor data: this is a bug")
+    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 tensor data: this is a bug")
 }
 
 /// Builds the graph node by node.
@@ -208,10 +208,11 @@ impl Builder {
 
     fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: Option<&str>) -> String {
         let o = out.map(str::to_owned).unwrap_or_else(|| self.fresh(&op.to_ascii_lowercase()));
+        let name = self.fresh(op);
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: vec![o.clone()],
-            name: self.fresh(op),
+            name,
             op_type: op.into(),
             attribute: attrs,
         });

@@ -300,11 +300,11 @@ pub fn apply_state_dict(
 /// The backbone as a state dict in `style` (for tests and for converting between layouts).
 pub fn backbone_state_dict(model: &mut EfficientNet, style: KeyStyle) -> StateDict {
     let mut sd = StateDict::new();
-    let vals = |t: Tensor<1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let vals = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     visit_backbone(model, style, &mut |slot| match slot {
         Slot::Conv { conv, weight, bias } => {
             let w = conv.weight.val();
-            sd.insert(weight, (w.dims().to_vec(), w.into_data().convert::<f32>().to_vec::<f32>().unwrap()));
+            sd.insert(weight, (w.dims().to_vec(), w.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()));
             if let (Some(bk), Some(b)) = (bias, &conv.bias) {
                 sd.insert(bk, (b.dims().to_vec(), vals(b.val())));
             }
@@ -338,10 +338,11 @@ pub fn write_safetensors(sd: &StateDict, path: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::train::model::{Arch, ModelConfig};
+    use burn::module::Module;
 
     fn out(m: &EfficientNet, d: &Device) -> Vec<f32> {
         let x = Tensor::<4>::from_data(TensorData::new((0..3 * 48 * 48).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect::<Vec<f32>>(), [1, 3, 48, 48]), d);
-        m.features(x).into_data().to_vec::<f32>().unwrap()
+        m.features(x).into_data().try_to_vec::<f32>().unwrap()
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ use crate::eval::{EpochLog, EvalReport, Metrics};
 use crate::model::{Classifier, ClassifierOptions, Color, FER_LABELS, Layout, ModelSpec, OutputKind};
 
 use super::augment::{Augment, augmented_input, plain_input};
-use super::data::{self, DataFormat, Dataset, K, LoadOptions, Sample};
+use super::data::{self, DataFormat, K, LoadOptions, Sample};
 use super::loss::{self, LossKind};
 use super::model::{Arch, EfficientNet, ModelConfig};
 use super::rng::Rng;
@@ -192,7 +192,7 @@ pub fn model_spec(input_size: u32, crop_margin: Option<f32>) -> ModelSpec {
 pub fn burn_logits(model: &EfficientNet, inputs: Vec<f32>, size: usize) -> Vec<f32> {
     let n = inputs.len() / (3 * size * size);
     let x = Tensor::<4>::from_data(TensorData::new(inputs, [n, 3, size, size]), &device());
-    model.forward(x).into_data().convert::<f32>().to_vec::<f32>().expect("f32 logits: this is a bug")
+    model.forward(x).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits: this is a bug")
 }
 
 /// Writes the ONNX file for an inference-mode model with `spec`'s metadata.
@@ -411,11 +411,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             let l = loss::loss(logits.clone(), t, weights.as_deref(), kind);
             let grads = GradientsParams::from_grads(l.backward(), &model);
             model = optim.step(lr, model, grads);
-            let lv = l.into_data().convert::<f32>().to_vec::<f32>()?[0] as f64;
+            let lv = l.into_data().convert::<f32>().try_to_vec::<f32>()?[0] as f64;
             if !lv.is_finite() {
                 bail!("training diverged at epoch {epoch}, step {} (loss {lv}); lower --lr", state.step);
             }
-            let lg = logits.into_data().convert::<f32>().to_vec::<f32>()?;
+            let lg = logits.into_data().convert::<f32>().try_to_vec::<f32>()?;
             correct += lg.chunks(K).zip(&labels).filter(|(row, l)| data::argmax(row) == **l).count();
             loss_sum += lv * n as f64;
             seen += n;
@@ -586,7 +586,7 @@ fn validate(model: &EfficientNet, set: &[Sample], spec: &ModelSpec, kind: LossKi
         let t: Vec<f32> = chunk.iter().flat_map(|s| s.target).collect();
         let lt = Tensor::<2>::from_data(TensorData::new(logits.clone(), [chunk.len(), K]), &device());
         let tt = Tensor::<2>::from_data(TensorData::new(t, [chunk.len(), K]), &device());
-        let l = loss::loss(lt, tt, None, kind).into_data().convert::<f32>().to_vec::<f32>()?[0] as f64;
+        let l = loss::loss(lt, tt, None, kind).into_data().convert::<f32>().try_to_vec::<f32>()?[0] as f64;
         loss_sum += l * chunk.len() as f64;
         for (row, s) in logits.chunks(K).zip(chunk) {
             pred.push(data::argmax(row));
