@@ -277,6 +277,7 @@ pub mod plot {
 
     use plotters::prelude::*;
     use plotters::style::FontStyle;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
 
     use super::{EpochLog, K, Metrics};
     use crate::model::FER_LABELS;
@@ -295,49 +296,55 @@ pub mod plot {
         move |e| anyhow::anyhow!("plotting {}: {e}", path.display())
     }
 
+    /// Cell = true row × predicted column, shaded by the row-normalised fraction, with count and percent.
     pub fn confusion(path: &Path, m: &Metrics) -> anyhow::Result<()> {
         fonts();
-        let root = BitMapBackend::new(path, (760, 680)).into_drawing_area();
+        let root = BitMapBackend::new(path, (760, 700)).into_drawing_area();
         root.fill(&WHITE).map_err(err(path))?;
+        let kf = K as f64;
         let mut chart = ChartBuilder::on(&root)
             .caption(format!("Confusion matrix (acc {:.3}, macro-F1 {:.3})", m.accuracy, m.macro_f1), ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(60)
             .y_label_area_size(90)
-            .build_cartesian_2d(0i32..K as i32, 0i32..K as i32)
+            .build_cartesian_2d(0f64..kf, 0f64..kf)
             .map_err(err(path))?;
+        let centre = |v: f64| {
+            let i = v - 0.5;
+            ((i - i.round()).abs() < 1e-6).then(|| i.round() as usize)
+        };
         chart
             .configure_mesh()
             .disable_mesh()
-            .x_labels(K)
-            .y_labels(K)
+            .x_labels(2 * K + 1)
+            .y_labels(2 * K + 1)
             .x_desc("predicted")
             .y_desc("true")
-            .x_label_formatter(&|x| FER_LABELS.get(*x as usize).map(|s| s.to_string()).unwrap_or_default())
+            .x_label_formatter(&|x| centre(*x).and_then(|i| FER_LABELS.get(i)).map(|s| s.to_string()).unwrap_or_default())
             .y_label_formatter(&|y| {
-                (K as i32 - 1 - *y).try_into().ok().and_then(|i: usize| FER_LABELS.get(i)).map(|s| s.to_string()).unwrap_or_default()
+                centre(*y).and_then(|i| FER_LABELS.get(K.wrapping_sub(1 + i))).map(|s| s.to_string()).unwrap_or_default()
             })
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err(path))?;
+        let centred = Pos::new(HPos::Center, VPos::Center);
         for t in 0..K {
             let row: usize = m.confusion[t].iter().sum();
             for p in 0..K {
                 let v = m.confusion[t][p];
                 let frac = if row > 0 { v as f64 / row as f64 } else { 0.0 };
-                let y = (K - 1 - t) as i32;
+                let (x, y) = (p as f64, (K - 1 - t) as f64);
                 let shade = (255.0 * (1.0 - 0.85 * frac)) as u8;
-                let color = RGBColor(shade, shade, 255);
                 chart
-                    .draw_series(std::iter::once(Rectangle::new([(p as i32, y), (p as i32 + 1, y + 1)], color.filled())))
+                    .draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1.0, y + 1.0)], RGBColor(shade, shade, 255).filled())))
                     .map_err(err(path))?;
-                let text_color = if frac > 0.5 { WHITE } else { BLACK };
+                let color = if frac > 0.5 { WHITE } else { BLACK };
+                let style = ("sans-serif", 14).into_font().color(&color).pos(centred);
                 chart
-                    .draw_series(std::iter::once(Text::new(
-                        format!("{v}\n{:.0}%", frac * 100.0).replace('\n', " "),
-                        (p as i32, y + 1),
-                        ("sans-serif", 13).into_font().color(&text_color),
-                    )))
+                    .draw_series([
+                        Text::new(format!("{v}"), (x + 0.5, y + 0.62), style.clone()),
+                        Text::new(format!("{:.0}%", frac * 100.0), (x + 0.5, y + 0.36), style),
+                    ])
                     .map_err(err(path))?;
             }
         }
@@ -348,7 +355,7 @@ pub mod plot {
     /// True vs predicted class counts, side by side.
     pub fn distribution(path: &Path, truth: &[usize], predicted: &[usize], split: &str) -> anyhow::Result<()> {
         fonts();
-        let max = truth.iter().chain(predicted).copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+        let max = truth.iter().chain(predicted).copied().max().unwrap_or(1).max(1) as f64 * 1.25;
         let root = BitMapBackend::new(path, (820, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(err(path))?;
         let mut chart = ChartBuilder::on(&root)
@@ -367,6 +374,7 @@ pub mod plot {
                 if ((*x - 0.5) - i).abs() < 1e-6 { FER_LABELS.get(i as usize).map(|s| s.to_string()).unwrap_or_default() } else { String::new() }
             })
             .y_desc("images")
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err(path))?;
@@ -388,6 +396,7 @@ pub mod plot {
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], orange.filled()));
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))

@@ -122,9 +122,10 @@ pub struct TrainArgs {
     /// Turn augmentation off (flip, random resized crop, rotation, brightness/contrast).
     #[arg(long)]
     pub no_augment: bool,
-    /// Margin around the detector box the daemon should crop with (written to the model metadata).
-    #[arg(long)]
-    pub crop_margin: Option<f32>,
+    /// Margin around the detector box the daemon should crop with (written to the model metadata). FER-2013
+    /// faces carry about this much context; the bundled baseline model declares the same.
+    #[arg(long, default_value_t = 0.1)]
+    pub crop_margin: f32,
     /// Continue from `OUT/checkpoint` (model, optimiser, schedule position, history).
     #[arg(long)]
     pub resume: bool,
@@ -275,7 +276,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         LossArg::Focal => LossKind::Focal { alpha: args.focal_alpha, gamma: args.focal_gamma },
     };
     let aug = if args.no_augment { Augment::none() } else { Augment::default() };
-    let mut spec = model_spec(args.input_size, args.crop_margin);
+    let mut spec = model_spec(args.input_size, Some(args.crop_margin));
     let size = args.input_size as usize;
 
     // ---- run config (refuse to resume into a different model)
@@ -421,13 +422,19 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             seen += n;
             state.step += 1;
             let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
+            let msg = format!(
                 "loss {:.4} acc {:.3} {:.1} img/s lr {:.2e}",
                 loss_sum / seen as f64,
                 correct as f64 / seen as f64,
                 ips,
                 lr
-            ));
+            );
+            // Without a terminal (logs, CI) the bar is invisible: a line every 100 steps instead.
+            if bar.is_hidden() && !args.quiet && (bar.position() + 1) % 100 == 0 {
+                let left = (steps_per_epoch as u64 - bar.position() - 1) as f64 * seen as f64 / ips / (bar.position() + 1) as f64;
+                eprintln!("epoch {epoch} step {}/{steps_per_epoch}: {msg}, epoch ETA {:.0} s", bar.position() + 1, left);
+            }
+            bar.set_message(msg);
             bar.inc(1);
         }
         bar.finish_and_clear();
