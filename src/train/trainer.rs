@@ -618,6 +618,31 @@ mod tests {
         assert!(lr_at(&args, 99, 100, 10) < 0.001);
     }
 
+    #[test]
+    fn batches_with_smoothing_and_mixup_keep_distributions() {
+        let mut args = default_args();
+        args.label_smoothing = 0.1;
+        args.mixup = 0.4;
+        let mk = |label: usize, v: u8| {
+            let mut target = [0.0; K];
+            target[label] = 1.0;
+            Sample { pixels: vec![v; 48 * 48], width: 48, height: 48, label, target, source: String::new() }
+        };
+        let set = vec![mk(0, 0), mk(3, 255), mk(6, 128)];
+        let spec = model_spec(48, None);
+        let (x, t, labels) = make_batch(&set, &[0, 1, 2], &spec, &Augment::default(), &args, &mut Rng::new(5)).unwrap();
+        assert_eq!(x.len(), 3 * spec.input_len());
+        assert_eq!(labels, vec![0, 3, 6]);
+        for row in t.chunks(K) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{row:?}");
+            assert!(row.iter().all(|v| *v >= 0.1 / K as f32 * 0.5), "smoothing floor: {row:?}");
+        }
+        // The sample's own class stays dominant (λ ≥ 0.5).
+        for (row, l) in t.chunks(K).zip(&labels) {
+            assert_eq!(data::argmax(row), *l, "{row:?}");
+        }
+    }
+
     pub(crate) fn default_args() -> TrainArgs {
         use clap::Parser;
         #[derive(clap::Parser)]
