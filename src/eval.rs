@@ -121,7 +121,8 @@ impl Metrics {
         let _ = writeln!(s, "images: {}   accuracy: {:.4}   macro-F1: {:.4}", self.n, self.accuracy, self.macro_f1);
         let _ = writeln!(s, "\n{:<10} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
         for c in &self.per_class {
-            let _ = writeln!(s, "{:<10} {:>9.4} {:>9.4} {:>9.4} {:>8}", c.label, c.precision, c.recall, c.f1, c.support);
+            let _ =
+                writeln!(s, "{:<10} {:>9.4} {:>9.4} {:>9.4} {:>8}", c.label, c.precision, c.recall, c.f1, c.support);
         }
         let _ = writeln!(s, "\nconfusion (rows: true, columns: predicted)");
         let _ = write!(s, "{:<10}", "");
@@ -193,7 +194,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         test_fraction: 0.0,
         seed: 0,
     };
-    let copts = ClassifierOptions { ort_library: args.ort_library.clone(), intra_threads: args.threads, ..Default::default() };
+    let copts =
+        ClassifierOptions { ort_library: args.ort_library.clone(), intra_threads: args.threads, ..Default::default() };
     let mut classifier = Classifier::load(&args.model, &copts)?;
     let (ds, split) = data::load_eval(&args.data, &opts, args.split.as_deref())?;
     eprintln!(
@@ -236,7 +238,8 @@ pub fn write_outputs(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let json = serde_json::to_string_pretty(report)?;
-    std::fs::write(out.join("metrics.json"), json).with_context(|| format!("writing {}/metrics.json", out.display()))?;
+    std::fs::write(out.join("metrics.json"), json)
+        .with_context(|| format!("writing {}/metrics.json", out.display()))?;
     if plots {
         let m = &report.metrics;
         plot::confusion(&out.join("confusion_matrix.png"), m)?;
@@ -303,7 +306,10 @@ pub mod plot {
         root.fill(&WHITE).map_err(err(path))?;
         let kf = K as f64;
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("Confusion matrix (acc {:.3}, macro-F1 {:.3})", m.accuracy, m.macro_f1), ("sans-serif", 22))
+            .caption(
+                format!("Confusion matrix (acc {:.3}, macro-F1 {:.3})", m.accuracy, m.macro_f1),
+                ("sans-serif", 22),
+            )
             .margin(15)
             .x_label_area_size(60)
             .y_label_area_size(90)
@@ -320,9 +326,14 @@ pub mod plot {
             .y_labels(2 * K + 1)
             .x_desc("predicted")
             .y_desc("true")
-            .x_label_formatter(&|x| centre(*x).and_then(|i| FER_LABELS.get(i)).map(|s| s.to_string()).unwrap_or_default())
+            .x_label_formatter(&|x| {
+                centre(*x).and_then(|i| FER_LABELS.get(i)).map(|s| s.to_string()).unwrap_or_default()
+            })
             .y_label_formatter(&|y| {
-                centre(*y).and_then(|i| FER_LABELS.get(K.wrapping_sub(1 + i))).map(|s| s.to_string()).unwrap_or_default()
+                centre(*y)
+                    .and_then(|i| FER_LABELS.get(K.wrapping_sub(1 + i)))
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
             })
             .label_style(("sans-serif", 14))
             .draw()
@@ -336,7 +347,10 @@ pub mod plot {
                 let (x, y) = (p as f64, (K - 1 - t) as f64);
                 let shade = (255.0 * (1.0 - 0.85 * frac)) as u8;
                 chart
-                    .draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1.0, y + 1.0)], RGBColor(shade, shade, 255).filled())))
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(x, y), (x + 1.0, y + 1.0)],
+                        RGBColor(shade, shade, 255).filled(),
+                    )))
                     .map_err(err(path))?;
                 let color = if frac > 0.5 { WHITE } else { BLACK };
                 let style = ("sans-serif", 14).into_font().color(&color).pos(centred);
@@ -371,7 +385,11 @@ pub mod plot {
             .x_labels(K * 2 + 1)
             .x_label_formatter(&|x| {
                 let i = (*x - 0.5).round();
-                if ((*x - 0.5) - i).abs() < 1e-6 { FER_LABELS.get(i as usize).map(|s| s.to_string()).unwrap_or_default() } else { String::new() }
+                if ((*x - 0.5) - i).abs() < 1e-6 {
+                    FER_LABELS.get(i as usize).map(|s| s.to_string()).unwrap_or_default()
+                } else {
+                    String::new()
+                }
             })
             .y_desc("images")
             .y_label_formatter(&|v| format!("{v:.0}"))
@@ -381,16 +399,21 @@ pub mod plot {
         let blue = RGBColor(70, 110, 200);
         let orange = RGBColor(240, 150, 50);
         chart
-            .draw_series(truth.iter().enumerate().map(|(i, &v)| {
-                Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.5, v as f64)], blue.filled())
-            }))
+            .draw_series(
+                truth
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.5, v as f64)], blue.filled())),
+            )
             .map_err(err(path))?
             .label("true")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], blue.filled()));
         chart
-            .draw_series(predicted.iter().enumerate().map(|(i, &v)| {
-                Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.9, v as f64)], orange.filled())
-            }))
+            .draw_series(
+                predicted.iter().enumerate().map(|(i, &v)| {
+                    Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.9, v as f64)], orange.filled())
+                }),
+            )
             .map_err(err(path))?
             .label("predicted")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], orange.filled()));
@@ -413,8 +436,13 @@ pub mod plot {
         root.fill(&WHITE).map_err(err(path))?;
         let (left, right) = root.split_horizontally(500);
         let last = log.iter().map(|e| e.epoch).max().unwrap_or(1).max(1) as f64;
-        let max_loss = log.iter().flat_map(|e| [e.train_loss, e.val_loss]).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.1;
-        let series = |chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>,
+        let max_loss =
+            log.iter().flat_map(|e| [e.train_loss, e.val_loss]).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.1;
+        let series = |chart: &mut ChartContext<
+            '_,
+            BitMapBackend<'_>,
+            Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+        >,
                       name: &str,
                       color: RGBColor,
                       f: &dyn Fn(&EpochLog) -> f64|
@@ -436,7 +464,12 @@ pub mod plot {
         a.configure_mesh().x_desc("epoch").label_style(("sans-serif", 13)).draw().map_err(err(path))?;
         series(&mut a, "train", RGBColor(70, 110, 200), &|e| e.train_loss)?;
         series(&mut a, "validation", RGBColor(240, 150, 50), &|e| e.val_loss)?;
-        a.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).label_font(("sans-serif", 13)).draw().map_err(err(path))?;
+        a.configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(err(path))?;
         let mut b = ChartBuilder::on(&right)
             .caption("Accuracy / macro-F1", ("sans-serif", 20))
             .margin(12)
@@ -448,7 +481,12 @@ pub mod plot {
         series(&mut b, "train acc", RGBColor(70, 110, 200), &|e| e.train_acc)?;
         series(&mut b, "val acc", RGBColor(240, 150, 50), &|e| e.val_acc)?;
         series(&mut b, "val macro-F1", RGBColor(60, 170, 90), &|e| e.val_macro_f1)?;
-        b.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).label_font(("sans-serif", 13)).draw().map_err(err(path))?;
+        b.configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(err(path))?;
         root.present().map_err(err(path))?;
         Ok(())
     }
@@ -507,7 +545,8 @@ mod tests {
             let len = std::fs::metadata(dir.path().join(f)).unwrap().len();
             assert!(len > 1000, "{f}: {len} bytes");
         }
-        let back: EvalReport = serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap()).unwrap();
+        let back: EvalReport =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap()).unwrap();
         assert_eq!(back.metrics.n, 8);
     }
 }

@@ -73,9 +73,28 @@ struct Cli {
 
 fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     let mut v: Vec<String> = [
-        "train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--arch", "lite0", "--input-size",
-        "48", "--batch", "16", "--lr", "3e-3", "--warmup-epochs", "0.5", "--patience", "0", "--quiet", "--no-plots",
-        "--plain-head", "--val-fraction", "0.15",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--arch",
+        "lite0",
+        "--input-size",
+        "48",
+        "--batch",
+        "16",
+        "--lr",
+        "3e-3",
+        "--warmup-epochs",
+        "0.5",
+        "--patience",
+        "0",
+        "--quiet",
+        "--no-plots",
+        "--plain-head",
+        "--val-fraction",
+        "0.15",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -130,7 +149,8 @@ fn train_export_parity_eval_resume() {
     let test = summary.test.as_ref().expect("held-out evaluation");
     eprintln!("tiny test accuracy {:.3}, macro-F1 {:.3}", test.metrics.accuracy, test.metrics.macro_f1);
     assert!(test.metrics.accuracy > 2.0 / 7.0, "accuracy {} not above chance", test.metrics.accuracy);
-    for f in ["model.onnx", "run_config.json", "history.json", "best.bpk", "checkpoint/state.json", "eval/metrics.json"] {
+    for f in ["model.onnx", "run_config.json", "history.json", "best.bpk", "checkpoint/state.json", "eval/metrics.json"]
+    {
         assert!(out.join(f).is_file(), "{f} missing");
     }
 
@@ -169,7 +189,8 @@ fn train_export_parity_eval_resume() {
         no_plots: false,
     })
     .unwrap();
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(eval_out.join("metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["n"], 56);
     assert!((m["accuracy"].as_f64().unwrap() - test.metrics.accuracy).abs() < 1e-9);
     for f in ["confusion_matrix.png", "class_distribution.png", "training_curves.png"] {
@@ -177,7 +198,12 @@ fn train_export_parity_eval_resume() {
     }
 
     // 5. --resume continues after epoch 4 (the first four epochs are kept, one more runs).
-    let resumed = emotiond::train::train(&args(&data, &out, &["--epochs", "9", "--class-weights", "--resume", "--no-final-eval"])).unwrap();
+    let resumed = emotiond::train::train(&args(
+        &data,
+        &out,
+        &["--epochs", "9", "--class-weights", "--resume", "--no-final-eval"],
+    ))
+    .unwrap();
     assert_eq!(resumed.history.len(), 9);
     assert!((resumed.history[7].train_loss - h[7].train_loss).abs() < 1e-9); // kept from the checkpoint (JSON round trip)
     assert_eq!(resumed.history[8].epoch, 9);
@@ -202,7 +228,11 @@ fn export_parity_b0_and_lite0() {
         let model = cfg.init(&dev);
         // Two training-mode forwards move the running statistics away from (0, 1), so folding is exercised.
         for _ in 0..2 {
-            let x = burn::tensor::Tensor::<4>::random([4, 3, size, size], burn::tensor::Distribution::Normal(0.3, 1.5), &dev);
+            let x = burn::tensor::Tensor::<4>::random(
+                [4, 3, size, size],
+                burn::tensor::Distribution::Normal(0.3, 1.5),
+                &dev,
+            );
             let _ = model.forward(x);
         }
         let model = model.valid();

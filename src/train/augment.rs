@@ -7,8 +7,8 @@
 //! brightness/contrast jitter follows on the 8-bit pixels, and [`normalize_into`] does the rest.
 
 use opencv::core::{Mat, Rect, Scalar, Size};
-use opencv::prelude::*;
 use opencv::imgproc;
+use opencv::prelude::*;
 
 use crate::model::{ModelSpec, crop_to_input, normalize_into};
 
@@ -57,7 +57,13 @@ pub fn plain_input(s: &Sample, spec: &ModelSpec, out: &mut Vec<f32>) -> opencv::
 }
 
 /// An augmented input, appended to `out`.
-pub fn augmented_input(s: &Sample, spec: &ModelSpec, aug: &Augment, rng: &mut Rng, out: &mut Vec<f32>) -> opencv::Result<()> {
+pub fn augmented_input(
+    s: &Sample,
+    spec: &ModelSpec,
+    aug: &Augment,
+    rng: &mut Rng,
+    out: &mut Vec<f32>,
+) -> opencv::Result<()> {
     if aug.is_none() {
         return plain_input(s, spec, out);
     }
@@ -139,7 +145,8 @@ mod tests {
         let mut a = Vec::new();
         plain_input(&s, &spec, &mut a).unwrap();
         let mut b = Vec::new();
-        let aug = Augment { flip: false, min_scale: 1.0, max_aspect: 1.0, rotate: 0.0, brightness: 0.0, contrast: 1e-9 };
+        let aug =
+            Augment { flip: false, min_scale: 1.0, max_aspect: 1.0, rotate: 0.0, brightness: 0.0, contrast: 1e-9 };
         augmented_input(&s, &spec, &aug, &mut Rng::new(1), &mut b).unwrap();
         assert_eq!(a.len(), 3 * 48 * 48);
         let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);

@@ -404,10 +404,8 @@ pub fn load_ferplus(path: &Path) -> Result<HashMap<String, [f32; K]>, DataError>
     let ipath = col("jpeg_path").ok_or_else(|| bad(1, "no `jpeg_path` column".into()))?;
     // FER+ vote columns → our label order (contempt, unknown and NF are dropped).
     let ours = ["anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"];
-    let idx: Vec<usize> = ours
-        .iter()
-        .map(|n| col(n).ok_or_else(|| bad(1, format!("no `{n}` vote column"))))
-        .collect::<Result<_, _>>()?;
+    let idx: Vec<usize> =
+        ours.iter().map(|n| col(n).ok_or_else(|| bad(1, format!("no `{n}` vote column")))).collect::<Result<_, _>>()?;
     let mut map = HashMap::new();
     for (i, line) in lines {
         let line = line.map_err(io)?;
@@ -538,7 +536,13 @@ mod tests {
     }
 
     fn write_png(path: &Path, v: u8) {
-        let m = opencv::core::Mat::new_rows_cols_with_default(48, 48, opencv::core::CV_8UC1, opencv::core::Scalar::all(v as f64)).unwrap();
+        let m = opencv::core::Mat::new_rows_cols_with_default(
+            48,
+            48,
+            opencv::core::CV_8UC1,
+            opencv::core::Scalar::all(v as f64),
+        )
+        .unwrap();
         opencv::imgcodecs::imwrite(path.to_str().unwrap(), &m, &opencv::core::Vector::new()).unwrap();
     }
 
@@ -576,7 +580,8 @@ mod tests {
         // Generic folder with a label map.
         let g = root.join("train");
         let map = parse_label_map("contempt=disgust").unwrap();
-        let opts = LoadOptions { label_map: map, test_fraction: 0.0, format: Some(DataFormat::Folder), ..Default::default() };
+        let opts =
+            LoadOptions { label_map: map, test_fraction: 0.0, format: Some(DataFormat::Folder), ..Default::default() };
         let s = load_splits(&g, &opts).unwrap();
         assert_eq!(s.train.counts()[1], 1);
         assert!(parse_label_map("x=bogus").is_err());
@@ -597,7 +602,14 @@ mod tests {
         let v = votes["train/angry/a.jpg"];
         assert!((v[0] - 0.8).abs() < 1e-6 && (v[6] - 0.2).abs() < 1e-6);
         assert!(!votes.contains_key("train/angry/b.jpg"));
-        let s = |src: &str| Sample { pixels: vec![], width: 0, height: 0, label: 3, target: one_hot(3), source: src.into() };
+        let s = |src: &str| Sample {
+            pixels: vec![],
+            width: 0,
+            height: 0,
+            label: 3,
+            target: one_hot(3),
+            source: src.into(),
+        };
         let mut ds = Dataset { samples: vec![s("train/angry/a.jpg"), s("train/angry/b.jpg")], skipped: 0 };
         apply_ferplus(&mut ds, &votes);
         assert_eq!((ds.len(), ds.skipped, ds.samples[0].label), (1, 1, 0));
@@ -605,7 +617,14 @@ mod tests {
 
     #[test]
     fn split_and_undersample_are_stratified_and_seeded() {
-        let mk = |label| Sample { pixels: vec![], width: 0, height: 0, label, target: one_hot(label), source: String::new() };
+        let mk = |label| Sample {
+            pixels: vec![],
+            width: 0,
+            height: 0,
+            label,
+            target: one_hot(label),
+            source: String::new(),
+        };
         let samples: Vec<Sample> = (0..100).map(|i| mk(if i < 80 { 0 } else { 1 })).collect();
         let (train, val) = stratified_split(samples.clone(), 0.1, 1);
         assert_eq!(counts(&val)[..2], [8, 2]);

@@ -357,10 +357,7 @@ pub fn to_onnx(model: &EfficientNet, input_size: usize, metadata: &BTreeMap<Stri
         name: "emotiond".into(),
         initializer: g.init,
         input: vec![value_info(INPUT, &[Err("batch"), Ok(3), Ok(s), Ok(s)])],
-        output: vec![
-            value_info("probabilities", &[Err("batch"), Ok(k)]),
-            value_info("logits", &[Err("batch"), Ok(k)]),
-        ],
+        output: vec![value_info("probabilities", &[Err("batch"), Ok(k)]), value_info("logits", &[Err("batch"), Ok(k)])],
     };
     let model = ModelProto {
         ir_version: IR_VERSION,

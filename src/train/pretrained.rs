@@ -48,14 +48,19 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict, PretrainedError> {
     let mut out = StateDict::new();
     if is_st {
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(format!("not a safetensors file: {e}")))?;
         for (name, view) in st.tensors() {
             let values = match view.dtype() {
                 safetensors::Dtype::F32 => bytes_f32(view.data()),
-                safetensors::Dtype::F16 => view.data().chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-                safetensors::Dtype::BF16 => {
-                    view.data().chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
+                safetensors::Dtype::F16 => {
+                    view.data().chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
                 }
+                safetensors::Dtype::BF16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                    .collect(),
                 safetensors::Dtype::F64 => {
                     view.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
                 }
@@ -72,7 +77,10 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict, PretrainedError> {
                 DType::F32 => bytes_f32(&bytes),
                 DType::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
                 DType::F16 => bytes.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-                DType::BF16 => bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
+                DType::BF16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                    .collect(),
                 _ => continue, // num_batches_tracked and other integer bookkeeping
             };
             out.insert(name, (t.shape().to_vec(), values));
@@ -140,7 +148,11 @@ pub fn visit_backbone(model: &mut EfficientNet, style: KeyStyle, f: &mut dyn FnM
                     f(Slot::Conv { conv: &mut e.conv, weight: format!("{p}._expand_conv.weight"), bias: None });
                     f(Slot::Bn { bn: &mut e.bn, prefix: format!("{p}._bn0") });
                 }
-                f(Slot::Conv { conv: &mut b.depthwise.conv, weight: format!("{p}._depthwise_conv.weight"), bias: None });
+                f(Slot::Conv {
+                    conv: &mut b.depthwise.conv,
+                    weight: format!("{p}._depthwise_conv.weight"),
+                    bias: None,
+                });
                 f(Slot::Bn { bn: &mut b.depthwise.bn, prefix: format!("{p}._bn1") });
                 if let Some(se) = &mut b.se {
                     f(Slot::Conv {
@@ -283,10 +295,8 @@ pub fn apply_state_dict(
         extra.sort();
         let n = extra.len();
         extra.truncate(6);
-        problems.push(format!(
-            "{n} unexpected tensors (a checkpoint of another architecture?), e.g. {}",
-            extra.join(", ")
-        ));
+        problems
+            .push(format!("{n} unexpected tensors (a checkpoint of another architecture?), e.g. {}", extra.join(", ")));
     }
     if !problems.is_empty() {
         let n = problems.len();
@@ -322,13 +332,13 @@ pub fn backbone_state_dict(model: &mut EfficientNet, style: KeyStyle) -> StateDi
 
 /// Writes a state dict as `.safetensors` (f32).
 pub fn write_safetensors(sd: &StateDict, path: &Path) -> std::io::Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = sd
-        .iter()
-        .map(|(k, (s, v))| (k.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        sd.iter().map(|(k, (s, v))| (k.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
-        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(k, s, b)| {
+            (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
         .collect();
     let data = safetensors::serialize(views, None).map_err(std::io::Error::other)?;
     std::fs::write(path, data)
@@ -341,7 +351,13 @@ mod tests {
     use burn::module::Module;
 
     fn out(m: &EfficientNet, d: &Device) -> Vec<f32> {
-        let x = Tensor::<4>::from_data(TensorData::new((0..3 * 48 * 48).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect::<Vec<f32>>(), [1, 3, 48, 48]), d);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                (0..3 * 48 * 48).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect::<Vec<f32>>(),
+                [1, 3, 48, 48],
+            ),
+            d,
+        );
         m.features(x).into_data().try_to_vec::<f32>().unwrap()
     }
 

@@ -281,19 +281,22 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
 
     // ---- run config (refuse to resume into a different model)
     let config_path = out.join("run_config.json");
-    if args.resume {
-        if let Ok(text) = std::fs::read_to_string(&config_path) {
-            let old: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            let a = &old["args"];
-            if a["arch"] != serde_json::json!(args.arch) || a["input_size"] != serde_json::json!(args.input_size) || a["plain_head"] != serde_json::json!(args.plain_head) {
-                bail!(
-                    "--resume: {} was trained as {} at {} px (plain head: {}); use the same --arch, --input-size and head",
-                    out.display(),
-                    a["arch"],
-                    a["input_size"],
-                    a["plain_head"]
-                );
-            }
+    if args.resume
+        && let Ok(text) = std::fs::read_to_string(&config_path)
+    {
+        let old: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let a = &old["args"];
+        let same = a["arch"] == serde_json::json!(args.arch)
+            && a["input_size"] == serde_json::json!(args.input_size)
+            && a["plain_head"] == serde_json::json!(args.plain_head);
+        if !same {
+            bail!(
+                "--resume: {} was trained as {} at {} px (plain head: {}); use the same --arch, --input-size and head",
+                out.display(),
+                a["arch"],
+                a["input_size"],
+                a["plain_head"]
+            );
         }
     }
     let run_config = serde_json::json!({
@@ -371,7 +374,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     };
     let total_steps = steps_per_epoch * args.epochs;
     spec.extra.insert("emotiond.architecture".into(), args.arch.name().into());
-    spec.extra.insert("emotiond.head".into(), if args.plain_head { "dropout-linear" } else { "linear64-dropout-bn-linear" }.into());
+    spec.extra.insert(
+        "emotiond.head".into(),
+        if args.plain_head { "dropout-linear" } else { "linear64-dropout-bn-linear" }.into(),
+    );
     spec.extra.insert("emotiond.dataset".into(), format!("{} ({} train images)", args.data.display(), train_set.len()));
     spec.extra.insert(
         "emotiond.recipe".into(),
@@ -386,11 +392,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     );
 
     // ---- epochs
-    let progress_style = ProgressStyle::with_template(
-        "{prefix} [{bar:25}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-    )
-    .expect("progress template: this is a bug")
-    .progress_chars("=> ");
+    let progress_style =
+        ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            .expect("progress template: this is a bug")
+            .progress_chars("=> ");
     for epoch in state.epochs_done + 1..=args.epochs {
         let started = Instant::now();
         dev.seed(args.seed.wrapping_add(epoch as u64 * 7919));
@@ -431,8 +436,14 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             );
             // Without a terminal (logs, CI) the bar is invisible: a line every 100 steps instead.
             if bar.is_hidden() && !args.quiet && (bar.position() + 1) % 100 == 0 {
-                let left = (steps_per_epoch as u64 - bar.position() - 1) as f64 * seen as f64 / ips / (bar.position() + 1) as f64;
-                eprintln!("epoch {epoch} step {}/{steps_per_epoch}: {msg}, epoch ETA {:.0} s", bar.position() + 1, left);
+                let left = (steps_per_epoch as u64 - bar.position() - 1) as f64 * seen as f64
+                    / ips
+                    / (bar.position() + 1) as f64;
+                eprintln!(
+                    "epoch {epoch} step {}/{steps_per_epoch}: {msg}, epoch ETA {:.0} s",
+                    bar.position() + 1,
+                    left
+                );
             }
             bar.set_message(msg);
             bar.inc(1);
@@ -456,7 +467,14 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         };
         eprintln!(
             "epoch {epoch}/{}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} macro-F1 {:.4} | {:.0} s, {:.1} img/s",
-            args.epochs, log.train_loss, log.train_acc, log.val_loss, log.val_acc, log.val_macro_f1, log.seconds, log.images_per_second
+            args.epochs,
+            log.train_loss,
+            log.train_acc,
+            log.val_loss,
+            log.val_acc,
+            log.val_macro_f1,
+            log.seconds,
+            log.images_per_second
         );
         state.history.push(log);
         state.epochs_done = epoch;
@@ -470,7 +488,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             state.epochs_without_improvement += 1;
         }
         // Checkpoint: model, optimiser, then the state file last so a crash mid-save leaves the previous one.
-        model.clone().save_file(out.join("checkpoint/model.bpk")).map_err(|e| anyhow::anyhow!("saving checkpoint: {e}"))?;
+        model
+            .clone()
+            .save_file(out.join("checkpoint/model.bpk"))
+            .map_err(|e| anyhow::anyhow!("saving checkpoint: {e}"))?;
         optim.save(out.join("checkpoint/optim.bpk")).map_err(|e| anyhow::anyhow!("saving optimiser state: {e}"))?;
         let tmp = out.join("checkpoint/state.json.tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&state)?)?;
@@ -521,7 +542,13 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             images_per_second: ips,
             metrics,
         };
-        crate::eval::write_outputs(&out.join("eval"), &report, Some(&splits.test), Some(&out.join("history.json")), !args.no_plots)?;
+        crate::eval::write_outputs(
+            &out.join("eval"),
+            &report,
+            Some(&splits.test),
+            Some(&out.join("history.json")),
+            !args.no_plots,
+        )?;
         test = Some(report);
     }
     let summary = TrainSummary {
