@@ -94,19 +94,44 @@ impl Metrics {
                 let tp = confusion[c][c] as f64;
                 let support: usize = confusion[c].iter().sum();
                 let predicted: usize = (0..K).map(|t| confusion[t][c]).sum();
-                let precision = if predicted > 0 { tp / predicted as f64 } else { 0.0 };
-                let recall = if support > 0 { tp / support as f64 } else { 0.0 };
-                let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
-                ClassMetrics { label: FER_LABELS[c].into(), precision, recall, f1, support }
+                let precision = if predicted > 0 {
+                    tp / predicted as f64
+                } else {
+                    0.0
+                };
+                let recall = if support > 0 {
+                    tp / support as f64
+                } else {
+                    0.0
+                };
+                let f1 = if precision + recall > 0.0 {
+                    2.0 * precision * recall / (precision + recall)
+                } else {
+                    0.0
+                };
+                ClassMetrics {
+                    label: FER_LABELS[c].into(),
+                    precision,
+                    recall,
+                    f1,
+                    support,
+                }
             })
             .collect();
         // Macro-F1 over the classes present in the data (an absent class would otherwise count as 0).
         let present: Vec<&ClassMetrics> = per_class.iter().filter(|c| c.support > 0).collect();
-        let macro_f1 =
-            if present.is_empty() { 0.0 } else { present.iter().map(|c| c.f1).sum::<f64>() / present.len() as f64 };
+        let macro_f1 = if present.is_empty() {
+            0.0
+        } else {
+            present.iter().map(|c| c.f1).sum::<f64>() / present.len() as f64
+        };
         Metrics {
             n,
-            accuracy: if n > 0 { correct as f64 / n as f64 } else { 0.0 },
+            accuracy: if n > 0 {
+                correct as f64 / n as f64
+            } else {
+                0.0
+            },
             macro_f1,
             per_class,
             confusion,
@@ -118,11 +143,22 @@ impl Metrics {
     pub fn report(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "images: {}   accuracy: {:.4}   macro-F1: {:.4}", self.n, self.accuracy, self.macro_f1);
-        let _ = writeln!(s, "\n{:<10} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
+        let _ = writeln!(
+            s,
+            "images: {}   accuracy: {:.4}   macro-F1: {:.4}",
+            self.n, self.accuracy, self.macro_f1
+        );
+        let _ = writeln!(
+            s,
+            "\n{:<10} {:>9} {:>9} {:>9} {:>8}",
+            "class", "precision", "recall", "f1", "support"
+        );
         for c in &self.per_class {
-            let _ =
-                writeln!(s, "{:<10} {:>9.4} {:>9.4} {:>9.4} {:>8}", c.label, c.precision, c.recall, c.f1, c.support);
+            let _ = writeln!(
+                s,
+                "{:<10} {:>9.4} {:>9.4} {:>9.4} {:>8}",
+                c.label, c.precision, c.recall, c.f1, c.support
+            );
         }
         let _ = writeln!(s, "\nconfusion (rows: true, columns: predicted)");
         let _ = write!(s, "{:<10}", "");
@@ -154,16 +190,26 @@ pub struct EvalReport {
 }
 
 /// Runs the classifier over a data set; returns the metrics and the throughput (images/s).
-pub fn evaluate(classifier: &mut Classifier, ds: &Dataset, batch: usize) -> anyhow::Result<(Metrics, f64)> {
+pub fn evaluate(
+    classifier: &mut Classifier,
+    ds: &Dataset,
+    batch: usize,
+) -> anyhow::Result<(Metrics, f64)> {
     let spec = classifier.spec().clone();
     // Model output index → our label index, by name (a foreign model may order its labels differently).
     let map: Vec<usize> = spec
         .labels
         .iter()
         .map(|l| {
-            FER_LABELS.iter().position(|f| f.eq_ignore_ascii_case(l)).with_context(|| {
-                format!("model label `{l}` is not one of ours ({}); cannot score it", FER_LABELS.join(", "))
-            })
+            FER_LABELS
+                .iter()
+                .position(|f| f.eq_ignore_ascii_case(l))
+                .with_context(|| {
+                    format!(
+                        "model label `{l}` is not one of ours ({}); cannot score it",
+                        FER_LABELS.join(", ")
+                    )
+                })
         })
         .collect::<anyhow::Result<_>>()?;
     let start = std::time::Instant::now();
@@ -172,14 +218,18 @@ pub fn evaluate(classifier: &mut Classifier, ds: &Dataset, batch: usize) -> anyh
     for chunk in ds.samples.chunks(batch.max(1)) {
         input.clear();
         for s in chunk {
-            plain_input(s, &spec, &mut input).with_context(|| format!("preprocessing {}", s.source))?;
+            plain_input(s, &spec, &mut input)
+                .with_context(|| format!("preprocessing {}", s.source))?;
         }
         let probs = classifier.run(std::mem::take(&mut input))?;
         pred.extend(probs.iter().map(|p| map[data::argmax(p)]));
     }
     let secs = start.elapsed().as_secs_f64().max(1e-9);
     let truth: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
-    Ok((Metrics::from_predictions(&truth, &pred), ds.len() as f64 / secs))
+    Ok((
+        Metrics::from_predictions(&truth, &pred),
+        ds.len() as f64 / secs,
+    ))
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -194,8 +244,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         test_fraction: 0.0,
         seed: 0,
     };
-    let copts =
-        ClassifierOptions { ort_library: args.ort_library.clone(), intra_threads: args.threads, ..Default::default() };
+    let copts = ClassifierOptions {
+        ort_library: args.ort_library.clone(),
+        intra_threads: args.threads,
+        ..Default::default()
+    };
     let mut classifier = Classifier::load(&args.model, &copts)?;
     let (ds, split) = data::load_eval(&args.data, &opts, args.split.as_deref())?;
     eprintln!(
@@ -203,13 +256,24 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.model.display(),
         args.data.display(),
         ds.len(),
-        if ds.skipped > 0 { format!(", {} malformed skipped", ds.skipped) } else { String::new() }
+        if ds.skipped > 0 {
+            format!(", {} malformed skipped", ds.skipped)
+        } else {
+            String::new()
+        }
     );
     let (metrics, ips) = evaluate(&mut classifier, &ds, args.batch)?;
     print!("{}", metrics.report());
     let out = args.out.clone().unwrap_or_else(|| {
-        let stem = args.model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-        args.model.parent().unwrap_or(Path::new(".")).join(format!("eval-{stem}"))
+        let stem = args
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into());
+        args.model
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("eval-{stem}"))
     });
     let report = EvalReport {
         model: args.model.display().to_string(),
@@ -220,7 +284,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         metrics,
     };
     let history = args.history.clone().or_else(|| {
-        let h = args.model.parent().unwrap_or(Path::new(".")).join("history.json");
+        let h = args
+            .model
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("history.json");
         h.is_file().then_some(h)
     });
     write_outputs(&out, &report, Some(&ds), history.as_deref(), !args.no_plots)?;
@@ -244,13 +312,28 @@ pub fn write_outputs(
         let m = &report.metrics;
         plot::confusion(&out.join("confusion_matrix.png"), m)?;
         let truth: Vec<usize> = (0..K).map(|t| m.confusion[t].iter().sum()).collect();
-        let predicted: Vec<usize> = (0..K).map(|p| (0..K).map(|t| m.confusion[t][p]).sum()).collect();
+        let predicted: Vec<usize> = (0..K)
+            .map(|p| (0..K).map(|t| m.confusion[t][p]).sum())
+            .collect();
         let _ = ds;
-        plot::distribution(&out.join("class_distribution.png"), &truth, &predicted, &report.split)?;
+        plot::distribution(
+            &out.join("class_distribution.png"),
+            &truth,
+            &predicted,
+            &report.split,
+        )?;
         if let Some(h) = history {
-            match std::fs::read_to_string(h).ok().and_then(|t| serde_json::from_str::<Vec<EpochLog>>(&t).ok()) {
-                Some(log) if !log.is_empty() => plot::curves(&out.join("training_curves.png"), &log)?,
-                _ => eprintln!("No readable training log at {}; skipping the curves plot.", h.display()),
+            match std::fs::read_to_string(h)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Vec<EpochLog>>(&t).ok())
+            {
+                Some(log) if !log.is_empty() => {
+                    plot::curves(&out.join("training_curves.png"), &log)?
+                }
+                _ => eprintln!(
+                    "No readable training log at {}; skipping the curves plot.",
+                    h.display()
+                ),
             }
         }
     }
@@ -307,7 +390,10 @@ pub mod plot {
         let kf = K as f64;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("Confusion matrix (acc {:.3}, macro-F1 {:.3})", m.accuracy, m.macro_f1),
+                format!(
+                    "Confusion matrix (acc {:.3}, macro-F1 {:.3})",
+                    m.accuracy, m.macro_f1
+                ),
                 ("sans-serif", 22),
             )
             .margin(15)
@@ -327,7 +413,10 @@ pub mod plot {
             .x_desc("predicted")
             .y_desc("true")
             .x_label_formatter(&|x| {
-                centre(*x).and_then(|i| FER_LABELS.get(i)).map(|s| s.to_string()).unwrap_or_default()
+                centre(*x)
+                    .and_then(|i| FER_LABELS.get(i))
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
             })
             .y_label_formatter(&|y| {
                 centre(*y)
@@ -367,9 +456,21 @@ pub mod plot {
     }
 
     /// True vs predicted class counts, side by side.
-    pub fn distribution(path: &Path, truth: &[usize], predicted: &[usize], split: &str) -> anyhow::Result<()> {
+    pub fn distribution(
+        path: &Path,
+        truth: &[usize],
+        predicted: &[usize],
+        split: &str,
+    ) -> anyhow::Result<()> {
         fonts();
-        let max = truth.iter().chain(predicted).copied().max().unwrap_or(1).max(1) as f64 * 1.25;
+        let max = truth
+            .iter()
+            .chain(predicted)
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64
+            * 1.25;
         let root = BitMapBackend::new(path, (820, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(err(path))?;
         let mut chart = ChartBuilder::on(&root)
@@ -386,7 +487,10 @@ pub mod plot {
             .x_label_formatter(&|x| {
                 let i = (*x - 0.5).round();
                 if ((*x - 0.5) - i).abs() < 1e-6 {
-                    FER_LABELS.get(i as usize).map(|s| s.to_string()).unwrap_or_default()
+                    FER_LABELS
+                        .get(i as usize)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
                 } else {
                     String::new()
                 }
@@ -399,21 +503,22 @@ pub mod plot {
         let blue = RGBColor(70, 110, 200);
         let orange = RGBColor(240, 150, 50);
         chart
-            .draw_series(
-                truth
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.5, v as f64)], blue.filled())),
-            )
+            .draw_series(truth.iter().enumerate().map(|(i, &v)| {
+                Rectangle::new(
+                    [(i as f64 + 0.1, 0.0), (i as f64 + 0.5, v as f64)],
+                    blue.filled(),
+                )
+            }))
             .map_err(err(path))?
             .label("true")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], blue.filled()));
         chart
-            .draw_series(
-                predicted.iter().enumerate().map(|(i, &v)| {
-                    Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.9, v as f64)], orange.filled())
-                }),
-            )
+            .draw_series(predicted.iter().enumerate().map(|(i, &v)| {
+                Rectangle::new(
+                    [(i as f64 + 0.5, 0.0), (i as f64 + 0.9, v as f64)],
+                    orange.filled(),
+                )
+            }))
             .map_err(err(path))?
             .label("predicted")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], orange.filled()));
@@ -436,22 +541,34 @@ pub mod plot {
         root.fill(&WHITE).map_err(err(path))?;
         let (left, right) = root.split_horizontally(500);
         let last = log.iter().map(|e| e.epoch).max().unwrap_or(1).max(1) as f64;
-        let max_loss =
-            log.iter().flat_map(|e| [e.train_loss, e.val_loss]).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.1;
+        let max_loss = log
+            .iter()
+            .flat_map(|e| [e.train_loss, e.val_loss])
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+            * 1.1;
         let series = |chart: &mut ChartContext<
             '_,
             BitMapBackend<'_>,
-            Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+            Cartesian2d<
+                plotters::coord::types::RangedCoordf64,
+                plotters::coord::types::RangedCoordf64,
+            >,
         >,
                       name: &str,
                       color: RGBColor,
                       f: &dyn Fn(&EpochLog) -> f64|
          -> anyhow::Result<()> {
             chart
-                .draw_series(LineSeries::new(log.iter().map(|e| (e.epoch as f64, f(e))), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    log.iter().map(|e| (e.epoch as f64, f(e))),
+                    color.stroke_width(2),
+                ))
                 .map_err(err(path))?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
             Ok(())
         };
         let mut a = ChartBuilder::on(&left)
@@ -461,9 +578,15 @@ pub mod plot {
             .y_label_area_size(55)
             .build_cartesian_2d(0f64..last, 0f64..max_loss.max(1e-3))
             .map_err(err(path))?;
-        a.configure_mesh().x_desc("epoch").label_style(("sans-serif", 13)).draw().map_err(err(path))?;
+        a.configure_mesh()
+            .x_desc("epoch")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(err(path))?;
         series(&mut a, "train", RGBColor(70, 110, 200), &|e| e.train_loss)?;
-        series(&mut a, "validation", RGBColor(240, 150, 50), &|e| e.val_loss)?;
+        series(&mut a, "validation", RGBColor(240, 150, 50), &|e| {
+            e.val_loss
+        })?;
         a.configure_series_labels()
             .border_style(BLACK)
             .background_style(WHITE.mix(0.8))
@@ -477,10 +600,18 @@ pub mod plot {
             .y_label_area_size(55)
             .build_cartesian_2d(0f64..last, 0f64..1f64)
             .map_err(err(path))?;
-        b.configure_mesh().x_desc("epoch").label_style(("sans-serif", 13)).draw().map_err(err(path))?;
-        series(&mut b, "train acc", RGBColor(70, 110, 200), &|e| e.train_acc)?;
+        b.configure_mesh()
+            .x_desc("epoch")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(err(path))?;
+        series(&mut b, "train acc", RGBColor(70, 110, 200), &|e| {
+            e.train_acc
+        })?;
         series(&mut b, "val acc", RGBColor(240, 150, 50), &|e| e.val_acc)?;
-        series(&mut b, "val macro-F1", RGBColor(60, 170, 90), &|e| e.val_macro_f1)?;
+        series(&mut b, "val macro-F1", RGBColor(60, 170, 90), &|e| {
+            e.val_macro_f1
+        })?;
         b.configure_series_labels()
             .border_style(BLACK)
             .background_style(WHITE.mix(0.8))
@@ -541,12 +672,19 @@ mod tests {
         let h = dir.path().join("history.json");
         std::fs::write(&h, serde_json::to_string(&log).unwrap()).unwrap();
         write_outputs(dir.path(), &report, None, Some(&h), true).unwrap();
-        for f in ["metrics.json", "confusion_matrix.png", "class_distribution.png", "training_curves.png"] {
+        for f in [
+            "metrics.json",
+            "confusion_matrix.png",
+            "class_distribution.png",
+            "training_curves.png",
+        ] {
             let len = std::fs::metadata(dir.path().join(f)).unwrap().len();
             assert!(len > 1000, "{f}: {len} bytes");
         }
-        let back: EvalReport =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap()).unwrap();
+        let back: EvalReport = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("metrics.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(back.metrics.n, 8);
     }
 }

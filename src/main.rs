@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "emotiond", version, about = "Camera daemon: faces in, emotions out")]
+#[command(
+    name = "emotiond",
+    version,
+    about = "Camera daemon: faces in, emotions out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -15,7 +15,9 @@ use opencv::prelude::*;
 
 /// Makes sure ort can find its library: ORT_DYLIB_PATH, else the pip wheel (what CI installs).
 pub fn ort_library() {
-    if std::env::var_os("ORT_DYLIB_PATH").is_some() || emotiond::model::resolve_library(None).is_ok() {
+    if std::env::var_os("ORT_DYLIB_PATH").is_some()
+        || emotiond::model::resolve_library(None).is_ok()
+    {
         return;
     }
     let out = std::process::Command::new("python3")
@@ -23,7 +25,10 @@ pub fn ort_library() {
         .output()
         .expect("python3 to locate onnxruntime");
     let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(Path::new(&p).is_file(), "ONNX Runtime library not found: set ORT_DYLIB_PATH");
+    assert!(
+        Path::new(&p).is_file(),
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH"
+    );
     // SAFETY: set once before any thread reads the environment (ort is initialised after this call).
     unsafe { std::env::set_var("ORT_DYLIB_PATH", p) };
 }
@@ -40,7 +45,8 @@ fn pattern(k: usize, i: usize) -> Mat {
     };
     let (cx, cy) = (24.0 + 4.0 * (rnd() - 0.5), 24.0 + 4.0 * (rnd() - 0.5));
     let freq = 0.25 + 0.22 * k as f32;
-    let mut m = Mat::new_rows_cols_with_default(48, 48, opencv::core::CV_8UC1, Scalar::all(0.0)).unwrap();
+    let mut m =
+        Mat::new_rows_cols_with_default(48, 48, opencv::core::CV_8UC1, Scalar::all(0.0)).unwrap();
     for y in 0..48 {
         for x in 0..48 {
             let r = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
@@ -59,7 +65,12 @@ fn make_dataset(root: &Path, train: usize, test: usize) {
             for i in 0..n {
                 let seed = if split == "train" { i } else { 10_000 + i };
                 let path = dir.join(format!("{i}.png"));
-                opencv::imgcodecs::imwrite(path.to_str().unwrap(), &pattern(k, seed), &Vector::new()).unwrap();
+                opencv::imgcodecs::imwrite(
+                    path.to_str().unwrap(),
+                    &pattern(k, seed),
+                    &Vector::new(),
+                )
+                .unwrap();
             }
         }
     }
@@ -104,7 +115,12 @@ fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
 }
 
 /// Max |Δ| between burn's inference forward and ort's `logits`/`probabilities` on random inputs.
-fn parity(model: &emotiond::train::model::EfficientNet, onnx: &Path, size: usize, batches: &[usize]) -> f32 {
+fn parity(
+    model: &emotiond::train::model::EfficientNet,
+    onnx: &Path,
+    size: usize,
+    batches: &[usize],
+) -> f32 {
     let (mut session, _) = build_session(onnx, &ClassifierOptions::default()).unwrap();
     let mut worst = 0.0f32;
     let mut seed = 7u32;
@@ -141,16 +157,33 @@ fn train_export_parity_eval_resume() {
     let t0 = std::time::Instant::now();
 
     // 1. Train: 4 epochs of 8 steps of 16 images at 48 px from random init; focal loss + class weights.
-    let summary = emotiond::train::train(&args(&data, &out, &["--epochs", "8", "--class-weights"])).unwrap();
+    let summary =
+        emotiond::train::train(&args(&data, &out, &["--epochs", "8", "--class-weights"])).unwrap();
     eprintln!("trained in {:.1} s", t0.elapsed().as_secs_f64());
     let h = &summary.history;
     assert_eq!(h.len(), 8);
-    assert!(h[7].train_loss < h[0].train_loss * 0.9, "loss did not fall: {h:?}");
+    assert!(
+        h[7].train_loss < h[0].train_loss * 0.9,
+        "loss did not fall: {h:?}"
+    );
     let test = summary.test.as_ref().expect("held-out evaluation");
-    eprintln!("tiny test accuracy {:.3}, macro-F1 {:.3}", test.metrics.accuracy, test.metrics.macro_f1);
-    assert!(test.metrics.accuracy > 2.0 / 7.0, "accuracy {} not above chance", test.metrics.accuracy);
-    for f in ["model.onnx", "run_config.json", "history.json", "best.bpk", "checkpoint/state.json", "eval/metrics.json"]
-    {
+    eprintln!(
+        "tiny test accuracy {:.3}, macro-F1 {:.3}",
+        test.metrics.accuracy, test.metrics.macro_f1
+    );
+    assert!(
+        test.metrics.accuracy > 2.0 / 7.0,
+        "accuracy {} not above chance",
+        test.metrics.accuracy
+    );
+    for f in [
+        "model.onnx",
+        "run_config.json",
+        "history.json",
+        "best.bpk",
+        "checkpoint/state.json",
+        "eval/metrics.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
 
@@ -159,14 +192,24 @@ fn train_export_parity_eval_resume() {
     let c = Classifier::load(&onnx, &ClassifierOptions::default()).unwrap();
     assert_eq!(c.spec().input_size, 48);
     assert_eq!(c.spec().color, emotiond::model::Color::Gray3);
-    assert_eq!(c.spec().extra.get("emotiond.architecture").map(String::as_str), Some("efficientnet-lite0"));
+    assert_eq!(
+        c.spec()
+            .extra
+            .get("emotiond.architecture")
+            .map(String::as_str),
+        Some("efficientnet-lite0")
+    );
     assert!(c.spec().extra.contains_key("emotiond.val_macro_f1"));
     drop(c);
 
     // 3. Parity: the best checkpoint in burn vs ort, two batch sizes.
     let mut cfg = ModelConfig::new(Arch::Lite0, 7);
     cfg.plain_head = true;
-    let best = cfg.init(&device()).try_load_file(out.join("best.bpk")).unwrap().valid();
+    let best = cfg
+        .init(&device())
+        .try_load_file(out.join("best.bpk"))
+        .unwrap()
+        .valid();
     let d = parity(&best, &onnx, 48, &[1, 5]);
     eprintln!("parity max |Δ| = {d:e}");
     assert!(d <= 1e-4, "parity {d}");
@@ -190,10 +233,15 @@ fn train_export_parity_eval_resume() {
     })
     .unwrap();
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(eval_out.join("metrics.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("metrics.json")).unwrap())
+            .unwrap();
     assert_eq!(m["n"], 56);
     assert!((m["accuracy"].as_f64().unwrap() - test.metrics.accuracy).abs() < 1e-9);
-    for f in ["confusion_matrix.png", "class_distribution.png", "training_curves.png"] {
+    for f in [
+        "confusion_matrix.png",
+        "class_distribution.png",
+        "training_curves.png",
+    ] {
         assert!(eval_out.join(f).is_file(), "{f} missing");
     }
 
@@ -201,7 +249,13 @@ fn train_export_parity_eval_resume() {
     let resumed = emotiond::train::train(&args(
         &data,
         &out,
-        &["--epochs", "9", "--class-weights", "--resume", "--no-final-eval"],
+        &[
+            "--epochs",
+            "9",
+            "--class-weights",
+            "--resume",
+            "--no-final-eval",
+        ],
     ))
     .unwrap();
     assert_eq!(resumed.history.len(), 9);

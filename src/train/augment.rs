@@ -32,13 +32,27 @@ pub struct Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Self { flip: true, min_scale: 0.8, max_aspect: 1.1, rotate: 10.0, brightness: 0.2, contrast: 0.2 }
+        Self {
+            flip: true,
+            min_scale: 0.8,
+            max_aspect: 1.1,
+            rotate: 10.0,
+            brightness: 0.2,
+            contrast: 0.2,
+        }
     }
 }
 
 impl Augment {
     pub fn none() -> Self {
-        Self { flip: false, min_scale: 1.0, max_aspect: 1.0, rotate: 0.0, brightness: 0.0, contrast: 0.0 }
+        Self {
+            flip: false,
+            min_scale: 1.0,
+            max_aspect: 1.0,
+            rotate: 0.0,
+            brightness: 0.0,
+            contrast: 0.0,
+        }
     }
     pub fn is_none(&self) -> bool {
         *self == Self::none()
@@ -53,7 +67,12 @@ fn mat_of(s: &Sample) -> opencv::Result<Mat> {
 /// The serving path: the whole image is the face crop.
 pub fn plain_input(s: &Sample, spec: &ModelSpec, out: &mut Vec<f32>) -> opencv::Result<()> {
     let m = mat_of(s)?;
-    crop_to_input(&m, Rect::new(0, 0, s.width as i32, s.height as i32), spec, out)
+    crop_to_input(
+        &m,
+        Rect::new(0, 0, s.width as i32, s.height as i32),
+        spec,
+        out,
+    )
 }
 
 /// An augmented input, appended to `out`.
@@ -89,7 +108,10 @@ pub fn augmented_input(
     let half = side / 2.0 - 0.5;
     let tx = cx - 0.5 - (a[0] * half + a[1] * half);
     let ty = cy - 0.5 - (a[2] * half + a[3] * half);
-    let m = Mat::from_slice_2d(&[[a[0] as f64, a[1] as f64, tx as f64], [a[2] as f64, a[3] as f64, ty as f64]])?;
+    let m = Mat::from_slice_2d(&[
+        [a[0] as f64, a[1] as f64, tx as f64],
+        [a[2] as f64, a[3] as f64, ty as f64],
+    ])?;
     let src = mat_of(s)?;
     let mut dst = Mat::default();
     imgproc::warp_affine(
@@ -107,7 +129,9 @@ pub fn augmented_input(
         let b = rng.range(-aug.brightness, aug.brightness) * 255.0;
         let mean = px.iter().map(|&v| v as f32).sum::<f32>() / px.len() as f32;
         for v in px.iter_mut() {
-            *v = ((*v as f32 - mean) * c + mean + b).round().clamp(0.0, 255.0) as u8;
+            *v = ((*v as f32 - mean) * c + mean + b)
+                .round()
+                .clamp(0.0, 255.0) as u8;
         }
     }
     let start = out.len();
@@ -123,7 +147,10 @@ mod tests {
 
     fn spec(size: u32) -> ModelSpec {
         ModelSpec {
-            labels: crate::model::FER_LABELS.iter().map(|s| s.to_string()).collect(),
+            labels: crate::model::FER_LABELS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             input_size: size,
             layout: Layout::Nchw,
             color: Color::Gray3,
@@ -140,19 +167,39 @@ mod tests {
     fn identity_warp_matches_the_serving_path() {
         // A gradient image: with no jitter the warp must reproduce the resize closely.
         let pixels: Vec<u8> = (0..48 * 48).map(|i| ((i % 48) * 5) as u8).collect();
-        let s = Sample { pixels, width: 48, height: 48, label: 0, target: [0.0; 7], source: String::new() };
+        let s = Sample {
+            pixels,
+            width: 48,
+            height: 48,
+            label: 0,
+            target: [0.0; 7],
+            source: String::new(),
+        };
         let spec = spec(48);
         let mut a = Vec::new();
         plain_input(&s, &spec, &mut a).unwrap();
         let mut b = Vec::new();
-        let aug =
-            Augment { flip: false, min_scale: 1.0, max_aspect: 1.0, rotate: 0.0, brightness: 0.0, contrast: 1e-9 };
+        let aug = Augment {
+            flip: false,
+            min_scale: 1.0,
+            max_aspect: 1.0,
+            rotate: 0.0,
+            brightness: 0.0,
+            contrast: 1e-9,
+        };
         augmented_input(&s, &spec, &aug, &mut Rng::new(1), &mut b).unwrap();
         assert_eq!(a.len(), 3 * 48 * 48);
-        let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let max = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
         assert!(max < 0.05, "{max}");
         // A flip mirrors columns.
-        let aug = Augment { flip: true, ..Augment::none() };
+        let aug = Augment {
+            flip: true,
+            ..Augment::none()
+        };
         let mut rng = Rng::new(3);
         let mut c = Vec::new();
         for _ in 0..8 {

@@ -33,7 +33,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for &arch in &args.archs {
         for &size in &args.sizes {
             let (s, ips) = measure(arch, size, args.batch, args.steps);
-            println!("| {} | {size} | {} | {s:.3} | {ips:.1} |", arch.name(), args.batch);
+            println!(
+                "| {} | {size} | {} | {s:.3} | {ips:.1} |",
+                arch.name(),
+                args.batch
+            );
         }
     }
     Ok(())
@@ -47,8 +51,17 @@ pub fn measure(arch: Arch, size: usize, batch: usize, steps: usize) -> (f64, f64
     let mut optim = AdamWConfig::new().init();
     let mut step = |model: super::model::EfficientNet| {
         let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Normal(0.0, 1.0), &dev);
-        let t = Tensor::<2>::zeros([batch, K], &dev).slice_assign([0..batch, 0..1], Tensor::ones([batch, 1], &dev));
-        let l = loss(model.forward(x), t, None, LossKind::Focal { alpha: 0.25, gamma: 2.0 });
+        let t = Tensor::<2>::zeros([batch, K], &dev)
+            .slice_assign([0..batch, 0..1], Tensor::ones([batch, 1], &dev));
+        let l = loss(
+            model.forward(x),
+            t,
+            None,
+            LossKind::Focal {
+                alpha: 0.25,
+                gamma: 2.0,
+            },
+        );
         let grads = GradientsParams::from_grads(l.backward(), &model);
         let m = optim.step(1e-3, model, grads);
         // Force execution before the clock stops.

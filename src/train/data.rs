@@ -21,9 +21,16 @@ pub const K: usize = FER_LABELS.len();
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {reason}")]
-    Bad { path: PathBuf, line: usize, reason: String },
+    Bad {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
     #[error("{path}: no images found ({hint})")]
@@ -73,7 +80,9 @@ pub fn counts(samples: &[Sample]) -> [usize; K] {
 }
 
 /// How the data on disk is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum DataFormat {
     /// Decide from the path: `*.csv` → fer-csv; a folder with `train/` and `test/` → kaggle; else folder.
@@ -115,10 +124,15 @@ pub struct LoadOptions {
 pub fn parse_label_map(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut m = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected folder=label"))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}`: expected folder=label"))?;
         let v = v.trim().to_ascii_lowercase();
         if v != "skip" && !FER_LABELS.contains(&v.as_str()) {
-            return Err(format!("`{part}`: `{v}` is not one of {} or `skip`", FER_LABELS.join(", ")));
+            return Err(format!(
+                "`{part}`: `{v}` is not one of {} or `skip`",
+                FER_LABELS.join(", ")
+            ));
         }
         m.insert(k.trim().to_ascii_lowercase(), v);
     }
@@ -183,7 +197,12 @@ pub fn load_splits(path: &Path, opts: &LoadOptions) -> Result<Splits, DataError>
             let skipped = parts.get("_skipped").map(|d| d.skipped).unwrap_or(0);
             let mut train = train;
             train.skipped += skipped;
-            Splits { train, test, train_name: "Training".into(), test_name: "PublicTest".into() }
+            Splits {
+                train,
+                test,
+                train_name: "Training".into(),
+                test_name: "PublicTest".into(),
+            }
         }
         DataFormat::Kaggle => Splits {
             train: load_folder(&path.join("train"), path, opts)?,
@@ -194,12 +213,22 @@ pub fn load_splits(path: &Path, opts: &LoadOptions) -> Result<Splits, DataError>
         DataFormat::Folder | DataFormat::Auto => {
             let all = load_folder(path, path, opts)?;
             let skipped = all.skipped;
-            let (train, test) = stratified_split(all.samples, opts.test_fraction.max(0.0), opts.seed ^ 0x7E57);
+            let (train, test) =
+                stratified_split(all.samples, opts.test_fraction.max(0.0), opts.seed ^ 0x7E57);
             Splits {
-                train: Dataset { samples: train, skipped },
-                test: Dataset { samples: test, skipped: 0 },
+                train: Dataset {
+                    samples: train,
+                    skipped,
+                },
+                test: Dataset {
+                    samples: test,
+                    skipped: 0,
+                },
                 train_name: "folder (train part)".into(),
-                test_name: format!("folder (stratified {:.0}% held out)", opts.test_fraction * 100.0),
+                test_name: format!(
+                    "folder (stratified {:.0}% held out)",
+                    opts.test_fraction * 100.0
+                ),
             }
         }
     };
@@ -207,7 +236,8 @@ pub fn load_splits(path: &Path, opts: &LoadOptions) -> Result<Splits, DataError>
         if format != DataFormat::Kaggle {
             return Err(DataError::BadFile {
                 path: votes.clone(),
-                reason: "FER+ votes are matched by JPEG path and need the Kaggle folder layout".into(),
+                reason: "FER+ votes are matched by JPEG path and need the Kaggle folder layout"
+                    .into(),
             });
         }
         let votes = load_ferplus(votes)?;
@@ -215,14 +245,21 @@ pub fn load_splits(path: &Path, opts: &LoadOptions) -> Result<Splits, DataError>
         apply_ferplus(&mut splits.test, &votes);
     }
     if splits.train.is_empty() {
-        return Err(DataError::Empty { path: path.to_owned(), hint: format!("{:?} layout, training part", format) });
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+            hint: format!("{:?} layout, training part", format),
+        });
     }
     Ok(splits)
 }
 
 /// Loads the part of a data set `eval` measures: Kaggle `test/`, CSV `PublicTest` (or `usage`), or every
 /// image of a plain folder.
-pub fn load_eval(path: &Path, opts: &LoadOptions, part: Option<&str>) -> Result<(Dataset, String), DataError> {
+pub fn load_eval(
+    path: &Path,
+    opts: &LoadOptions,
+    part: Option<&str>,
+) -> Result<(Dataset, String), DataError> {
     let format = match opts.format.unwrap_or(DataFormat::Auto) {
         DataFormat::Auto => detect(path),
         f => f,
@@ -247,7 +284,10 @@ pub fn load_eval(path: &Path, opts: &LoadOptions, part: Option<&str>) -> Result<
         apply_ferplus(&mut ds, &votes);
     }
     if ds.is_empty() {
-        return Err(DataError::Empty { path: path.to_owned(), hint: format!("{name} is empty") });
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+            hint: format!("{name} is empty"),
+        });
     }
     Ok((ds, name))
 }
@@ -255,7 +295,10 @@ pub fn load_eval(path: &Path, opts: &LoadOptions, part: Option<&str>) -> Result<
 /// Reads `fer2013.csv` into parts keyed by `Usage` (`Training`, `PublicTest`, `PrivateTest`). Rows with a bad
 /// field are errors (`file:line: ...`) or, with `skip_bad`, counted in the `_skipped` entry.
 pub fn load_fer_csv(path: &Path, skip_bad: bool) -> Result<BTreeMap<String, Dataset>, DataError> {
-    let io = |source| DataError::Io { path: path.to_owned(), source };
+    let io = |source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     let mut parts: BTreeMap<String, Dataset> = BTreeMap::new();
     let mut skipped = 0;
@@ -283,17 +326,34 @@ pub fn load_fer_csv(path: &Path, skip_bad: bool) -> Result<BTreeMap<String, Data
             continue;
         };
         let row = (|| -> Result<(String, Sample), String> {
-            let get = |i: usize, name: &str| fields.get(i).copied().ok_or_else(|| format!("missing `{name}` field"));
+            let get = |i: usize, name: &str| {
+                fields
+                    .get(i)
+                    .copied()
+                    .ok_or_else(|| format!("missing `{name}` field"))
+            };
             let e = get(ie, "emotion")?;
-            let label: usize =
-                e.parse().ok().filter(|l| *l < K).ok_or_else(|| format!("emotion `{e}` is not a class 0..=6"))?;
+            let label: usize = e
+                .parse()
+                .ok()
+                .filter(|l| *l < K)
+                .ok_or_else(|| format!("emotion `{e}` is not a class 0..=6"))?;
             let px = get(ip, "pixels")?;
-            let pixels: Result<Vec<u8>, _> = px.split_ascii_whitespace().map(str::parse::<u8>).collect();
-            let pixels = pixels.map_err(|_| "pixels: expected space-separated integers 0..=255".to_string())?;
+            let pixels: Result<Vec<u8>, _> =
+                px.split_ascii_whitespace().map(str::parse::<u8>).collect();
+            let pixels = pixels
+                .map_err(|_| "pixels: expected space-separated integers 0..=255".to_string())?;
             if pixels.len() != 48 * 48 {
-                return Err(format!("pixels: {} values, expected 2304 (48×48)", pixels.len()));
+                return Err(format!(
+                    "pixels: {} values, expected 2304 (48×48)",
+                    pixels.len()
+                ));
             }
-            let usage = if iu == usize::MAX { "Training".to_owned() } else { get(iu, "Usage")?.to_owned() };
+            let usage = if iu == usize::MAX {
+                "Training".to_owned()
+            } else {
+                get(iu, "Usage")?.to_owned()
+            };
             Ok((
                 usage,
                 Sample {
@@ -309,13 +369,29 @@ pub fn load_fer_csv(path: &Path, skip_bad: bool) -> Result<BTreeMap<String, Data
         match row {
             Ok((usage, s)) => parts.entry(usage).or_default().samples.push(s),
             Err(_) if skip_bad => skipped += 1,
-            Err(reason) => return Err(DataError::Bad { path: path.to_owned(), line: lineno, reason }),
+            Err(reason) => {
+                return Err(DataError::Bad {
+                    path: path.to_owned(),
+                    line: lineno,
+                    reason,
+                });
+            }
         }
     }
     if header.is_none() {
-        return Err(DataError::Bad { path: path.to_owned(), line: 1, reason: "empty file".into() });
+        return Err(DataError::Bad {
+            path: path.to_owned(),
+            line: 1,
+            reason: "empty file".into(),
+        });
     }
-    parts.insert("_skipped".into(), Dataset { samples: Vec::new(), skipped });
+    parts.insert(
+        "_skipped".into(),
+        Dataset {
+            samples: Vec::new(),
+            skipped,
+        },
+    );
     Ok(parts)
 }
 
@@ -335,7 +411,11 @@ pub fn load_folder(root: &Path, base: &Path, opts: &LoadOptions) -> Result<Datas
     classes.sort();
     let mut ds = Dataset::default();
     for dir in classes {
-        let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         let label = match class_index(&name, &opts.label_map) {
             Ok(Some(l)) => l,
             Ok(None) => continue,
@@ -355,7 +435,10 @@ pub fn load_folder(root: &Path, base: &Path, opts: &LoadOptions) -> Result<Datas
             .collect();
         files.sort();
         for f in files {
-            let ext = f.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            let ext = f
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
             let result = if IMAGE_EXT.contains(&ext.as_str()) {
                 read_grey(&f)
             } else {
@@ -363,8 +446,19 @@ pub fn load_folder(root: &Path, base: &Path, opts: &LoadOptions) -> Result<Datas
             };
             match result {
                 Ok((pixels, width, height)) => {
-                    let rel = f.strip_prefix(base).unwrap_or(&f).to_string_lossy().replace('\\', "/");
-                    ds.samples.push(Sample { pixels, width, height, label, target: one_hot(label), source: rel });
+                    let rel = f
+                        .strip_prefix(base)
+                        .unwrap_or(&f)
+                        .to_string_lossy()
+                        .replace('\\', "/");
+                    ds.samples.push(Sample {
+                        pixels,
+                        width,
+                        height,
+                        label,
+                        target: one_hot(label),
+                        source: rel,
+                    });
                 }
                 Err(_) if opts.skip_bad => ds.skipped += 1,
                 Err(reason) => return Err(DataError::BadFile { path: f, reason }),
@@ -384,41 +478,81 @@ pub fn read_grey(path: &Path) -> Result<(Vec<u8>, u32, u32), String> {
     if m.empty() || m.rows() < 8 || m.cols() < 8 {
         return Err("cannot decode image (corrupt, empty or smaller than 8×8)".into());
     }
-    let m = if m.is_continuous() { m } else { m.try_clone().map_err(|e| e.to_string())? };
+    let m = if m.is_continuous() {
+        m
+    } else {
+        m.try_clone().map_err(|e| e.to_string())?
+    };
     let px = m.data_bytes().map_err(|e| e.to_string())?.to_vec();
     Ok((px, m.cols() as u32, m.rows() as u32))
 }
 
 /// FER+ vote distributions over our labels, keyed by JPEG path (`train/angry/Training_1.jpg`) and by file name.
 pub fn load_ferplus(path: &Path) -> Result<HashMap<String, [f32; K]>, DataError> {
-    let io = |source| DataError::Io { path: path.to_owned(), source };
+    let io = |source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     let mut lines = BufReader::new(file).lines().enumerate();
     let header = match lines.next() {
         Some((_, l)) => l.map_err(io)?,
-        None => return Err(DataError::Bad { path: path.to_owned(), line: 1, reason: "empty file".into() }),
+        None => {
+            return Err(DataError::Bad {
+                path: path.to_owned(),
+                line: 1,
+                reason: "empty file".into(),
+            });
+        }
     };
-    let cols: Vec<String> = header.trim_end_matches('\r').split(',').map(|s| s.trim().to_ascii_lowercase()).collect();
+    let cols: Vec<String> = header
+        .trim_end_matches('\r')
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
     let col = |name: &str| cols.iter().position(|c| c == name);
-    let bad = |line: usize, reason: String| DataError::Bad { path: path.to_owned(), line, reason };
+    let bad = |line: usize, reason: String| DataError::Bad {
+        path: path.to_owned(),
+        line,
+        reason,
+    };
     let ipath = col("jpeg_path").ok_or_else(|| bad(1, "no `jpeg_path` column".into()))?;
     // FER+ vote columns → our label order (contempt, unknown and NF are dropped).
-    let ours = ["anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"];
-    let idx: Vec<usize> =
-        ours.iter().map(|n| col(n).ok_or_else(|| bad(1, format!("no `{n}` vote column")))).collect::<Result<_, _>>()?;
+    let ours = [
+        "anger",
+        "disgust",
+        "fear",
+        "happiness",
+        "sadness",
+        "surprise",
+        "neutral",
+    ];
+    let idx: Vec<usize> = ours
+        .iter()
+        .map(|n| col(n).ok_or_else(|| bad(1, format!("no `{n}` vote column"))))
+        .collect::<Result<_, _>>()?;
     let mut map = HashMap::new();
     for (i, line) in lines {
         let line = line.map_err(io)?;
-        let f: Vec<&str> = line.trim_end_matches('\r').split(',').map(str::trim).collect();
+        let f: Vec<&str> = line
+            .trim_end_matches('\r')
+            .split(',')
+            .map(str::trim)
+            .collect();
         if f.len() < cols.len() {
             if line.trim().is_empty() {
                 continue;
             }
-            return Err(bad(i + 1, format!("{} fields, expected {}", f.len(), cols.len())));
+            return Err(bad(
+                i + 1,
+                format!("{} fields, expected {}", f.len(), cols.len()),
+            ));
         }
         let mut v = [0.0f32; K];
         for (k, &c) in idx.iter().enumerate() {
-            v[k] = f[c].parse().map_err(|_| bad(i + 1, format!("vote `{}` is not a number", f[c])))?;
+            v[k] = f[c]
+                .parse()
+                .map_err(|_| bad(i + 1, format!("vote `{}` is not a number", f[c])))?;
         }
         let sum: f32 = v.iter().sum();
         if sum <= 0.0 {
@@ -438,7 +572,10 @@ pub fn load_ferplus(path: &Path) -> Result<HashMap<String, [f32; K]>, DataError>
 pub fn apply_ferplus(ds: &mut Dataset, votes: &HashMap<String, [f32; K]>) {
     let before = ds.samples.len();
     ds.samples.retain_mut(|s| {
-        let name = Path::new(&s.source).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = Path::new(&s.source)
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         match votes.get(&s.source).or_else(|| votes.get(&name)) {
             Some(v) => {
                 s.target = *v;
@@ -452,11 +589,20 @@ pub fn apply_ferplus(ds: &mut Dataset, votes: &HashMap<String, [f32; K]>) {
 }
 
 pub fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        })
+        .0
 }
 
 /// Splits off `fraction` of each class (at least one sample of every class with ≥ 2), seeded.
-pub fn stratified_split(samples: Vec<Sample>, fraction: f32, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+pub fn stratified_split(
+    samples: Vec<Sample>,
+    fraction: f32,
+    seed: u64,
+) -> (Vec<Sample>, Vec<Sample>) {
     let mut by_class: Vec<Vec<Sample>> = vec![Vec::new(); K];
     for s in samples {
         by_class[s.label].push(s);
@@ -524,7 +670,10 @@ mod tests {
         writeln!(f, "1,{} 300,Training", vec!["1"; 2303].join(" ")).unwrap();
         drop(f);
         let e = load_fer_csv(&p, false).unwrap_err().to_string();
-        assert!(e.contains("fer2013.csv:5:") && e.contains("3 values"), "{e}");
+        assert!(
+            e.contains("fer2013.csv:5:") && e.contains("3 values"),
+            "{e}"
+        );
         let parts = load_fer_csv(&p, true).unwrap();
         assert_eq!(parts["_skipped"].skipped, 3);
         assert_eq!(parts["Training"].len(), 2);
@@ -543,17 +692,25 @@ mod tests {
             opencv::core::Scalar::all(v as f64),
         )
         .unwrap();
-        opencv::imgcodecs::imwrite(path.to_str().unwrap(), &m, &opencv::core::Vector::new()).unwrap();
+        opencv::imgcodecs::imwrite(path.to_str().unwrap(), &m, &opencv::core::Vector::new())
+            .unwrap();
     }
 
     #[test]
     fn kaggle_and_generic_folders() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for (split, class, n) in [("train", "happy", 3), ("train", "sad", 2), ("test", "happy", 1)] {
+        for (split, class, n) in [
+            ("train", "happy", 3),
+            ("train", "sad", 2),
+            ("test", "happy", 1),
+        ] {
             std::fs::create_dir_all(root.join(split).join(class)).unwrap();
             for i in 0..n {
-                write_png(&root.join(split).join(class).join(format!("{i}.png")), 100 + i as u8);
+                write_png(
+                    &root.join(split).join(class).join(format!("{i}.png")),
+                    100 + i as u8,
+                );
             }
         }
         let opts = LoadOptions::default();
@@ -570,7 +727,10 @@ mod tests {
         assert!(e.contains("bad.jpg") && e.contains("decode"), "{e}");
         std::fs::create_dir_all(root.join("train/contempt")).unwrap();
         write_png(&root.join("train/contempt/0.png"), 1);
-        let skip = LoadOptions { skip_bad: true, ..Default::default() };
+        let skip = LoadOptions {
+            skip_bad: true,
+            ..Default::default()
+        };
         let s = load_splits(root, &skip).unwrap();
         assert_eq!((s.train.len(), s.train.skipped), (5, 2));
         std::fs::remove_file(root.join("train/happy/bad.jpg")).unwrap();
@@ -580,8 +740,12 @@ mod tests {
         // Generic folder with a label map.
         let g = root.join("train");
         let map = parse_label_map("contempt=disgust").unwrap();
-        let opts =
-            LoadOptions { label_map: map, test_fraction: 0.0, format: Some(DataFormat::Folder), ..Default::default() };
+        let opts = LoadOptions {
+            label_map: map,
+            test_fraction: 0.0,
+            format: Some(DataFormat::Folder),
+            ..Default::default()
+        };
         let s = load_splits(&g, &opts).unwrap();
         assert_eq!(s.train.counts()[1], 1);
         assert!(parse_label_map("x=bogus").is_err());
@@ -610,7 +774,10 @@ mod tests {
             target: one_hot(3),
             source: src.into(),
         };
-        let mut ds = Dataset { samples: vec![s("train/angry/a.jpg"), s("train/angry/b.jpg")], skipped: 0 };
+        let mut ds = Dataset {
+            samples: vec![s("train/angry/a.jpg"), s("train/angry/b.jpg")],
+            skipped: 0,
+        };
         apply_ferplus(&mut ds, &votes);
         assert_eq!((ds.len(), ds.skipped, ds.samples[0].label), (1, 1, 0));
     }

@@ -17,7 +17,12 @@ pub enum LossKind {
 
 /// Mean over the batch of `−Σ_c w_c t_c m_c log p_c`, with `m_c = α (1 − p_c)^γ` for focal loss and 1 for
 /// cross-entropy. `weights` (length K) multiplies each class's term.
-pub fn loss(logits: Tensor<2>, targets: Tensor<2>, weights: Option<&[f32]>, kind: LossKind) -> Tensor<1> {
+pub fn loss(
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    weights: Option<&[f32]>,
+    kind: LossKind,
+) -> Tensor<1> {
     let [n, k] = logits.dims();
     let device = logits.device();
     let log_p = activation::log_softmax(logits, 1);
@@ -25,7 +30,11 @@ pub fn loss(logits: Tensor<2>, targets: Tensor<2>, weights: Option<&[f32]>, kind
     if let LossKind::Focal { alpha, gamma } = kind {
         // (1 − p)^γ with 1 − p clamped away from 0: finite gradients even for γ < 1 when p → 1.
         let one_minus_p = log_p.exp().neg().add_scalar(1.0).clamp_min(1e-12);
-        let modulating = if gamma == 0.0 { one_minus_p.ones_like() } else { one_minus_p.powf_scalar(gamma) };
+        let modulating = if gamma == 0.0 {
+            one_minus_p.ones_like()
+        } else {
+            one_minus_p.powf_scalar(gamma)
+        };
         per = per * modulating.mul_scalar(alpha);
     }
     if let Some(w) = weights {
@@ -39,7 +48,10 @@ pub fn loss(logits: Tensor<2>, targets: Tensor<2>, weights: Option<&[f32]>, kind
 /// Inverse-frequency weights normalised so they sum to the number of classes. A class with no samples gets
 /// weight 0 (it cannot contribute to the loss anyway) and is left out of the normalisation.
 pub fn inverse_frequency_weights(counts: &[usize]) -> Vec<f32> {
-    let inv: Vec<f64> = counts.iter().map(|&c| if c == 0 { 0.0 } else { 1.0 / c as f64 }).collect();
+    let inv: Vec<f64> = counts
+        .iter()
+        .map(|&c| if c == 0 { 0.0 } else { 1.0 / c as f64 })
+        .collect();
     let sum: f64 = inv.iter().sum();
     if sum == 0.0 {
         return vec![1.0; counts.len()];
@@ -77,13 +89,34 @@ mod tests {
         let logits = t2(&[[0.0, 3f32.ln(), 0.0]], &d);
         let target = t2(&[[0.0, 1.0, 0.0]], &d);
         let ce = -(0.6f32).ln(); // 0.5108
-        let got = scalar(loss(logits.clone(), target.clone(), None, LossKind::CrossEntropy));
+        let got = scalar(loss(
+            logits.clone(),
+            target.clone(),
+            None,
+            LossKind::CrossEntropy,
+        ));
         assert!((got - ce).abs() < 1e-5, "{got}");
         // γ = 0: α-weighted cross-entropy.
-        let got = scalar(loss(logits.clone(), target.clone(), None, LossKind::Focal { alpha: 0.25, gamma: 0.0 }));
+        let got = scalar(loss(
+            logits.clone(),
+            target.clone(),
+            None,
+            LossKind::Focal {
+                alpha: 0.25,
+                gamma: 0.0,
+            },
+        ));
         assert!((got - 0.25 * ce).abs() < 1e-5, "{got}");
         // γ = 2: 0.25 · 0.4² · 0.5108 = 0.020433.
-        let got = scalar(loss(logits.clone(), target.clone(), None, LossKind::Focal { alpha: 0.25, gamma: 2.0 }));
+        let got = scalar(loss(
+            logits.clone(),
+            target.clone(),
+            None,
+            LossKind::Focal {
+                alpha: 0.25,
+                gamma: 2.0,
+            },
+        ));
         assert!((got - 0.25 * 0.16 * ce).abs() < 1e-6, "{got}");
         // Class weights multiply the target class's term; batch mean over two rows.
         let logits2 = t2(&[[0.0, 3f32.ln(), 0.0], [0.0, 3f32.ln(), 0.0]], &d);
@@ -94,7 +127,15 @@ mod tests {
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         // Soft targets: the vote-weighted sum of the per-class terms.
         let soft = t2(&[[0.5, 0.5, 0.0]], &d);
-        let got = scalar(loss(logits, soft, None, LossKind::Focal { alpha: 0.25, gamma: 2.0 }));
+        let got = scalar(loss(
+            logits,
+            soft,
+            None,
+            LossKind::Focal {
+                alpha: 0.25,
+                gamma: 2.0,
+            },
+        ));
         let want = 0.25 * (0.5 * 0.64 * -(0.2f32).ln() + 0.5 * 0.16 * ce);
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
@@ -105,9 +146,19 @@ mod tests {
         for gamma in [2.0, 0.5] {
             let logits = t2(&[[60.0, -60.0, 0.0], [0.0, 0.0, 200.0]], &d).require_grad();
             let target = t2(&[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], &d);
-            let l = loss(logits.clone(), target, None, LossKind::Focal { alpha: 0.25, gamma });
+            let l = loss(
+                logits.clone(),
+                target,
+                None,
+                LossKind::Focal { alpha: 0.25, gamma },
+            );
             let grads = l.backward();
-            let g = logits.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
+            let g = logits
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
             assert!(g.iter().all(|v| v.is_finite()), "γ={gamma}: {g:?}");
         }
     }

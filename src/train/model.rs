@@ -10,11 +10,15 @@
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
+};
 use burn::tensor::{Device, Distribution, Tensor, activation};
 
 /// Which backbone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     /// EfficientNet-B0 (SiLU + squeeze-and-excitation), torchvision layout.
@@ -68,7 +72,13 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn new(arch: Arch, classes: usize) -> Self {
-        Self { arch, classes, plain_head: false, dropout: 0.2, drop_path: 0.2 }
+        Self {
+            arch,
+            classes,
+            plain_head: false,
+            dropout: 0.2,
+            drop_path: 0.2,
+        }
     }
 
     pub fn init(&self, device: &Device) -> EfficientNet {
@@ -81,13 +91,19 @@ impl ModelConfig {
             for r in 0..repeats {
                 let (cin, stride) = if r == 0 { (cin, stride) } else { (cout, 1) };
                 let p = self.drop_path * blocks.len() as f64 / total as f64;
-                blocks.push(MbConv::new(cin, cout, expand, kernel, stride, se, p, eps, device));
+                blocks.push(MbConv::new(
+                    cin, cout, expand, kernel, stride, se, p, eps, device,
+                ));
             }
         }
         let head_conv = ConvBn::new(320, FEATURES, 1, 1, 1, eps, device);
         let dropout = DropoutConfig::new(self.dropout).init();
         let (fc1, head_bn, fc2) = if self.plain_head {
-            (LinearConfig::new(FEATURES, self.classes).init(device), None, None)
+            (
+                LinearConfig::new(FEATURES, self.classes).init(device),
+                None,
+                None,
+            )
         } else {
             (
                 LinearConfig::new(FEATURES, BOTTLENECK).init(device),
@@ -95,7 +111,16 @@ impl ModelConfig {
                 Some(LinearConfig::new(BOTTLENECK, self.classes).init(device)),
             )
         };
-        EfficientNet { stem, blocks, head_conv, dropout, fc1, head_bn, fc2, relu6: self.arch == Arch::Lite0 }
+        EfficientNet {
+            stem,
+            blocks,
+            head_conv,
+            dropout,
+            fc1,
+            head_bn,
+            fc2,
+            relu6: self.arch == Arch::Lite0,
+        }
     }
 }
 
@@ -107,7 +132,15 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    fn new(cin: usize, cout: usize, kernel: usize, stride: usize, groups: usize, eps: f64, device: &Device) -> Self {
+    fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        groups: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Self {
         let pad = (kernel - 1) / 2;
         let conv = Conv2dConfig::new([cin, cout], [kernel, kernel])
             .with_stride([stride, stride])
@@ -203,7 +236,8 @@ impl MbConv {
         if self.drop_path > 0.0 && x.device().is_autodiff() {
             let keep = 1.0 - self.drop_path;
             let n = x.dims()[0];
-            let mask = Tensor::<4>::random([n, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
+            let mask =
+                Tensor::<4>::random([n, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
             x = x * mask.div_scalar(keep);
         }
         x + input
@@ -211,7 +245,11 @@ impl MbConv {
 }
 
 pub(crate) fn act(x: Tensor<4>, relu6: bool) -> Tensor<4> {
-    if relu6 { x.clamp(0.0, 6.0) } else { activation::silu(x) }
+    if relu6 {
+        x.clamp(0.0, 6.0)
+    } else {
+        activation::silu(x)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -276,7 +314,11 @@ mod tests {
         for (arch, published) in [(Arch::B0, 5_288_548), (Arch::Lite0, 4_652_008)] {
             let mut cfg = ModelConfig::new(arch, 1000);
             cfg.plain_head = true;
-            assert_eq!(cfg.init(&device).num_params(), published + 2 * 21_008, "{arch:?}");
+            assert_eq!(
+                cfg.init(&device).num_params(),
+                published + 2 * 21_008,
+                "{arch:?}"
+            );
         }
     }
 }

@@ -152,33 +152,60 @@ pub struct Dimension {
 const FLOAT: i32 = 1;
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        ints: v.to_vec(),
+        r#type: 7,
+        ..Default::default()
+    }
 }
 fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), i: v, r#type: 2, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        i: v,
+        r#type: 2,
+        ..Default::default()
+    }
 }
 fn float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto { name: name.into(), f: v, r#type: 1, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        f: v,
+        r#type: 1,
+        ..Default::default()
+    }
 }
 
 fn value_info(name: &str, dims: &[Result<i64, &str>]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| match d {
-            Ok(v) => Dimension { dim_value: Some(*v), dim_param: None },
-            Err(p) => Dimension { dim_value: None, dim_param: Some(p.to_string()) },
+            Ok(v) => Dimension {
+                dim_value: Some(*v),
+                dim_param: None,
+            },
+            Err(p) => Dimension {
+                dim_value: None,
+                dim_param: Some(p.to_string()),
+            },
         })
         .collect();
     ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {
-            tensor_type: Some(TypeProtoTensor { elem_type: FLOAT, shape: Some(TensorShapeProto { dim }) }),
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: FLOAT,
+                shape: Some(TensorShapeProto { dim }),
+            }),
         }),
     }
 }
 
 fn data<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 tensor data: this is a bug")
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 tensor data: this is a bug")
 }
 
 /// Builds the graph node by node.
@@ -206,8 +233,16 @@ impl Builder {
         name
     }
 
-    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: Option<&str>) -> String {
-        let o = out.map(str::to_owned).unwrap_or_else(|| self.fresh(&op.to_ascii_lowercase()));
+    fn node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        out: Option<&str>,
+    ) -> String {
+        let o = out
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.fresh(&op.to_ascii_lowercase()));
         let name = self.fresh(op);
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -290,7 +325,11 @@ impl Builder {
             h = self.node("Mul", &[&h, &s], vec![], None);
         }
         h = self.conv_bn(&h, &b.project);
-        if b.residual { self.node("Add", &[&h, x], vec![], None) } else { h }
+        if b.residual {
+            self.node("Add", &[&h, x], vec![], None)
+        } else {
+            h
+        }
     }
 
     /// Gemm with an optional following BN folded in (`Linear → Dropout → BN`; dropout is identity here).
@@ -314,7 +353,12 @@ impl Builder {
         }
         let wn = self.constant("fc_w", &[din, dout], &w);
         let bn_ = self.constant("fc_b", &[dout], &b);
-        self.node("Gemm", &[x, &wn, &bn_], vec![float("alpha", 1.0), float("beta", 1.0)], out)
+        self.node(
+            "Gemm",
+            &[x, &wn, &bn_],
+            vec![float("alpha", 1.0), float("beta", 1.0)],
+            out,
+        )
     }
 }
 
@@ -325,14 +369,31 @@ fn bn_affine(bn: &BatchNorm) -> (Vec<f32>, Vec<f32>) {
     let mean = data(bn.running_mean.value());
     let var = data(bn.running_var.value());
     let eps = bn.epsilon as f32;
-    let scale: Vec<f32> = g.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
-    let shift = beta.iter().zip(&mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    let scale: Vec<f32> = g
+        .iter()
+        .zip(&var)
+        .map(|(g, v)| g / (v + eps).sqrt())
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(&mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
     (scale, shift)
 }
 
 /// Serialises the model to ONNX bytes.
-pub fn to_onnx(model: &EfficientNet, input_size: usize, metadata: &BTreeMap<String, String>) -> Vec<u8> {
-    let mut g = Builder { nodes: Vec::new(), init: Vec::new(), n: 0 };
+pub fn to_onnx(
+    model: &EfficientNet,
+    input_size: usize,
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut g = Builder {
+        nodes: Vec::new(),
+        init: Vec::new(),
+        n: 0,
+    };
     let mut x = g.conv_bn(INPUT, &model.stem);
     x = g.act(&x, model.relu6);
     for b in &model.blocks {
@@ -349,7 +410,12 @@ pub fn to_onnx(model: &EfficientNet, input_size: usize, metadata: &BTreeMap<Stri
         }
         _ => g.linear(&x, &model.fc1, None, Some("logits")),
     };
-    g.node("Softmax", &[&logits], vec![int("axis", -1)], Some("probabilities"));
+    g.node(
+        "Softmax",
+        &[&logits],
+        vec![int("axis", -1)],
+        Some("probabilities"),
+    );
     let k = model.classes() as i64;
     let s = input_size as i64;
     let graph = GraphProto {
@@ -357,7 +423,10 @@ pub fn to_onnx(model: &EfficientNet, input_size: usize, metadata: &BTreeMap<Stri
         name: "emotiond".into(),
         initializer: g.init,
         input: vec![value_info(INPUT, &[Err("batch"), Ok(3), Ok(s), Ok(s)])],
-        output: vec![value_info("probabilities", &[Err("batch"), Ok(k)]), value_info("logits", &[Err("batch"), Ok(k)])],
+        output: vec![
+            value_info("probabilities", &[Err("batch"), Ok(k)]),
+            value_info("logits", &[Err("batch"), Ok(k)]),
+        ],
     };
     let model = ModelProto {
         ir_version: IR_VERSION,
@@ -365,10 +434,16 @@ pub fn to_onnx(model: &EfficientNet, input_size: usize, metadata: &BTreeMap<Stri
         producer_version: env!("CARGO_PKG_VERSION").into(),
         doc_string: "Face-expression classifier trained with `emotiond train`.".into(),
         graph: Some(graph),
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
         metadata_props: metadata
             .iter()
-            .map(|(k, v)| StringStringEntryProto { key: k.clone(), value: v.clone() })
+            .map(|(k, v)| StringStringEntryProto {
+                key: k.clone(),
+                value: v.clone(),
+            })
             .collect(),
     };
     model.encode_to_vec()

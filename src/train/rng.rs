@@ -13,7 +13,9 @@ impl Rng {
 
     /// An independent stream for `(seed, purpose, index)`, e.g. one per epoch.
     pub fn derive(seed: u64, purpose: u64, index: u64) -> Self {
-        let mut r = Rng::new(seed.wrapping_mul(0x100_0000_01B3) ^ purpose.rotate_left(17) ^ index.rotate_left(41));
+        let mut r = Rng::new(
+            seed.wrapping_mul(0x100_0000_01B3) ^ purpose.rotate_left(17) ^ index.rotate_left(41),
+        );
         r.next_u64();
         r
     }
@@ -91,8 +93,12 @@ mod tests {
 
     #[test]
     fn deterministic_and_roughly_uniform() {
-        let a: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
-        let b: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
+        let a: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
         assert_eq!(a, b);
         let mut r = Rng::new(1);
         let mean = (0..10_000).map(|_| r.f32()).sum::<f32>() / 10_000.0;

@@ -15,7 +15,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{EpochLog, EvalReport, Metrics};
-use crate::model::{Classifier, ClassifierOptions, Color, FER_LABELS, Layout, ModelSpec, OutputKind};
+use crate::model::{
+    Classifier, ClassifierOptions, Color, FER_LABELS, Layout, ModelSpec, OutputKind,
+};
 
 use super::augment::{Augment, augmented_input, plain_input};
 use super::data::{self, DataFormat, K, LoadOptions, Sample};
@@ -193,7 +195,12 @@ pub fn model_spec(input_size: u32, crop_margin: Option<f32>) -> ModelSpec {
 pub fn burn_logits(model: &EfficientNet, inputs: Vec<f32>, size: usize) -> Vec<f32> {
     let n = inputs.len() / (3 * size * size);
     let x = Tensor::<4>::from_data(TensorData::new(inputs, [n, 3, size, size]), &device());
-    model.forward(x).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits: this is a bug")
+    model
+        .forward(x)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 logits: this is a bug")
 }
 
 /// Writes the ONNX file for an inference-mode model with `spec`'s metadata.
@@ -226,7 +233,8 @@ fn lr_at(args: &TrainArgs, step: usize, total: usize, steps_per_epoch: usize) ->
 /// Trains, exports `model.onnx`, and evaluates it on the held-out part.
 pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     let out = &args.out;
-    std::fs::create_dir_all(out.join("checkpoint")).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(out.join("checkpoint"))
+        .with_context(|| format!("creating {}", out.display()))?;
     if args.batch < 2 {
         bail!("--batch must be at least 2 (batch norm needs more than one image)");
     }
@@ -245,7 +253,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     };
     let splits = data::load_splits(&args.data, &opts)?;
     let skipped = splits.train.skipped + splits.test.skipped;
-    let (mut train_set, val_set) = data::stratified_split(splits.train.samples, args.val_fraction, args.seed);
+    let (mut train_set, val_set) =
+        data::stratified_split(splits.train.samples, args.val_fraction, args.seed);
     if let Some(limit) = args.limit_train.filter(|l| *l < train_set.len()) {
         let frac = 1.0 - limit as f32 / train_set.len() as f32;
         train_set = data::stratified_split(train_set, frac, args.seed ^ 0x11).0;
@@ -254,10 +263,16 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         train_set = data::undersample(train_set, cap, args.seed ^ 0x5A);
     }
     if train_set.len() < args.batch {
-        bail!("only {} training images after splitting; need at least one batch of {}", train_set.len(), args.batch);
+        bail!(
+            "only {} training images after splitting; need at least one batch of {}",
+            train_set.len(),
+            args.batch
+        );
     }
     let counts = data::counts(&train_set);
-    let weights = args.class_weights.then(|| loss::inverse_frequency_weights(&counts));
+    let weights = args
+        .class_weights
+        .then(|| loss::inverse_frequency_weights(&counts));
     eprintln!(
         "Data: {} train {:?}, {} validation, {} test ({}){}.",
         train_set.len(),
@@ -265,17 +280,34 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         val_set.len(),
         splits.test.len(),
         splits.test_name,
-        if skipped > 0 { format!(", {skipped} malformed skipped") } else { String::new() }
+        if skipped > 0 {
+            format!(", {skipped} malformed skipped")
+        } else {
+            String::new()
+        }
     );
     if let Some(w) = &weights {
-        eprintln!("Class weights: {}", w.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(", "));
+        eprintln!(
+            "Class weights: {}",
+            w.iter()
+                .map(|v| format!("{v:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 
     let kind = match args.loss {
         LossArg::Ce => LossKind::CrossEntropy,
-        LossArg::Focal => LossKind::Focal { alpha: args.focal_alpha, gamma: args.focal_gamma },
+        LossArg::Focal => LossKind::Focal {
+            alpha: args.focal_alpha,
+            gamma: args.focal_gamma,
+        },
     };
-    let aug = if args.no_augment { Augment::none() } else { Augment::default() };
+    let aug = if args.no_augment {
+        Augment::none()
+    } else {
+        Augment::default()
+    };
     let mut spec = model_spec(args.input_size, Some(args.crop_margin));
     let size = args.input_size as usize;
 
@@ -330,11 +362,15 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         None => None,
     };
     if args.weights.as_deref() == Some("auto") && args.arch != Arch::Lite0 {
-        bail!("--weights auto finds the Lite0 weights only; for B0 pass a torchvision .pth/.safetensors");
+        bail!(
+            "--weights auto finds the Lite0 weights only; for B0 pass a torchvision .pth/.safetensors"
+        );
     }
     let mut optim = AdamWConfig::new()
         .with_weight_decay(args.weight_decay)
-        .with_grad_clipping((args.clip_grad > 0.0).then_some(GradientClippingConfig::Norm(args.clip_grad)))
+        .with_grad_clipping(
+            (args.clip_grad > 0.0).then_some(GradientClippingConfig::Norm(args.clip_grad)),
+        )
         .init();
     let state_path = out.join("checkpoint/state.json");
     let mut state = LoopState {
@@ -350,35 +386,62 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             .with_context(|| format!("reading {}", state_path.display()))?;
         model = model
             .try_load_file(out.join("checkpoint/model.bpk"))
-            .map_err(|e| anyhow::anyhow!("--resume: loading {}/checkpoint/model.bpk: {e}", out.display()))?;
-        optim = optim
-            .load(out.join("checkpoint/optim.bpk"))
-            .map_err(|e| anyhow::anyhow!("--resume: loading {}/checkpoint/optim.bpk: {e}", out.display()))?;
-        eprintln!("Resuming after epoch {} (step {}).", state.epochs_done, state.step);
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--resume: loading {}/checkpoint/model.bpk: {e}",
+                    out.display()
+                )
+            })?;
+        optim = optim.load(out.join("checkpoint/optim.bpk")).map_err(|e| {
+            anyhow::anyhow!(
+                "--resume: loading {}/checkpoint/optim.bpk: {e}",
+                out.display()
+            )
+        })?;
+        eprintln!(
+            "Resuming after epoch {} (step {}).",
+            state.epochs_done, state.step
+        );
     } else {
         if args.resume {
-            eprintln!("--resume: no checkpoint in {}; starting fresh.", out.display());
+            eprintln!(
+                "--resume: no checkpoint in {}; starting fresh.",
+                out.display()
+            );
         }
         match &weights_path {
             Some(p) => {
                 let n = super::pretrained::load_backbone(&mut model, p, args.arch.name(), &dev)?;
                 eprintln!("ImageNet initialisation: {n} tensors from {}.", p.display());
             }
-            None => eprintln!("No --weights: random initialisation (expect much lower accuracy than ImageNet init)."),
+            None => eprintln!(
+                "No --weights: random initialisation (expect much lower accuracy than ImageNet init)."
+            ),
         }
     }
 
     let steps_per_epoch = {
         let full = train_set.len() / args.batch;
-        args.max_steps_per_epoch.map_or(full, |m| full.min(m)).max(1)
+        args.max_steps_per_epoch
+            .map_or(full, |m| full.min(m))
+            .max(1)
     };
     let total_steps = steps_per_epoch * args.epochs;
-    spec.extra.insert("emotiond.architecture".into(), args.arch.name().into());
+    spec.extra
+        .insert("emotiond.architecture".into(), args.arch.name().into());
     spec.extra.insert(
         "emotiond.head".into(),
-        if args.plain_head { "dropout-linear" } else { "linear64-dropout-bn-linear" }.into(),
+        if args.plain_head {
+            "dropout-linear"
+        } else {
+            "linear64-dropout-bn-linear"
+        }
+        .into(),
     );
-    spec.extra.insert("emotiond.dataset".into(), format!("{} ({} train images)", args.data.display(), train_set.len()));
+    spec.extra.insert(
+        "emotiond.dataset".into(),
+        format!("{} ({} train images)", args.data.display(), train_set.len()),
+    );
     spec.extra.insert(
         "emotiond.recipe".into(),
         serde_json::json!({
@@ -392,17 +455,22 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     );
 
     // ---- epochs
-    let progress_style =
-        ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-            .expect("progress template: this is a bug")
-            .progress_chars("=> ");
+    let progress_style = ProgressStyle::with_template(
+        "{prefix} [{bar:25}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+    )
+    .expect("progress template: this is a bug")
+    .progress_chars("=> ");
     for epoch in state.epochs_done + 1..=args.epochs {
         let started = Instant::now();
         dev.seed(args.seed.wrapping_add(epoch as u64 * 7919));
         let mut order: Vec<usize> = (0..train_set.len()).collect();
         Rng::derive(args.seed, 1, epoch as u64).shuffle(&mut order);
         let mut aug_rng = Rng::derive(args.seed, 2, epoch as u64);
-        let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(steps_per_epoch as u64) };
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(steps_per_epoch as u64)
+        };
         bar.set_style(progress_style.clone());
         bar.set_prefix(format!("epoch {epoch}/{}", args.epochs));
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
@@ -419,10 +487,17 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             model = optim.step(lr, model, grads);
             let lv = l.into_data().convert::<f32>().try_to_vec::<f32>()?[0] as f64;
             if !lv.is_finite() {
-                bail!("training diverged at epoch {epoch}, step {} (loss {lv}); lower --lr", state.step);
+                bail!(
+                    "training diverged at epoch {epoch}, step {} (loss {lv}); lower --lr",
+                    state.step
+                );
             }
             let lg = logits.into_data().convert::<f32>().try_to_vec::<f32>()?;
-            correct += lg.chunks(K).zip(&labels).filter(|(row, l)| data::argmax(row) == **l).count();
+            correct += lg
+                .chunks(K)
+                .zip(&labels)
+                .filter(|(row, l)| data::argmax(row) == **l)
+                .count();
             loss_sum += lv * n as f64;
             seen += n;
             state.step += 1;
@@ -482,8 +557,14 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             state.best_macro_f1 = val_metrics.macro_f1;
             state.best_epoch = epoch;
             state.epochs_without_improvement = 0;
-            valid.clone().save_file(out.join("best.bpk")).map_err(|e| anyhow::anyhow!("saving best.bpk: {e}"))?;
-            std::fs::write(out.join("best_val_metrics.json"), serde_json::to_string_pretty(&val_metrics)?)?;
+            valid
+                .clone()
+                .save_file(out.join("best.bpk"))
+                .map_err(|e| anyhow::anyhow!("saving best.bpk: {e}"))?;
+            std::fs::write(
+                out.join("best_val_metrics.json"),
+                serde_json::to_string_pretty(&val_metrics)?,
+            )?;
         } else {
             state.epochs_without_improvement += 1;
         }
@@ -492,13 +573,21 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             .clone()
             .save_file(out.join("checkpoint/model.bpk"))
             .map_err(|e| anyhow::anyhow!("saving checkpoint: {e}"))?;
-        optim.save(out.join("checkpoint/optim.bpk")).map_err(|e| anyhow::anyhow!("saving optimiser state: {e}"))?;
+        optim
+            .save(out.join("checkpoint/optim.bpk"))
+            .map_err(|e| anyhow::anyhow!("saving optimiser state: {e}"))?;
         let tmp = out.join("checkpoint/state.json.tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&state)?)?;
         std::fs::rename(&tmp, &state_path)?;
-        std::fs::write(out.join("history.json"), serde_json::to_string_pretty(&state.history)?)?;
+        std::fs::write(
+            out.join("history.json"),
+            serde_json::to_string_pretty(&state.history)?,
+        )?;
         if args.patience > 0 && state.epochs_without_improvement >= args.patience {
-            eprintln!("Early stop: no better validation macro-F1 for {} epochs.", args.patience);
+            eprintln!(
+                "Early stop: no better validation macro-F1 for {} epochs.",
+                args.patience
+            );
             break;
         }
     }
@@ -512,17 +601,25 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     } else {
         model.valid()
     };
-    let best_val: Option<Metrics> =
-        std::fs::read_to_string(out.join("best_val_metrics.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let best_val: Option<Metrics> = std::fs::read_to_string(out.join("best_val_metrics.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
     if let Some(m) = &best_val {
-        spec.extra.insert("emotiond.val_accuracy".into(), format!("{:.4}", m.accuracy));
-        spec.extra.insert("emotiond.val_macro_f1".into(), format!("{:.4}", m.macro_f1));
+        spec.extra
+            .insert("emotiond.val_accuracy".into(), format!("{:.4}", m.accuracy));
+        spec.extra
+            .insert("emotiond.val_macro_f1".into(), format!("{:.4}", m.macro_f1));
         spec.extra.insert(
             "emotiond.val_f1_per_class".into(),
-            m.per_class.iter().map(|c| format!("{}={:.3}", c.label, c.f1)).collect::<Vec<_>>().join(","),
+            m.per_class
+                .iter()
+                .map(|c| format!("{}={:.3}", c.label, c.f1))
+                .collect::<Vec<_>>()
+                .join(","),
         );
     }
-    spec.extra.insert("emotiond.best_epoch".into(), state.best_epoch.to_string());
+    spec.extra
+        .insert("emotiond.best_epoch".into(), state.best_epoch.to_string());
     let onnx_path = out.join("model.onnx");
     export(&best, &spec, &onnx_path)?;
     eprintln!("Exported {}.", onnx_path.display());
@@ -530,10 +627,19 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     // ---- held-out evaluation through the daemon's path
     let mut test = None;
     if !args.no_final_eval && !splits.test.is_empty() {
-        let copts = ClassifierOptions { ort_library: args.ort_library.clone(), intra_threads: 2, ..Default::default() };
+        let copts = ClassifierOptions {
+            ort_library: args.ort_library.clone(),
+            intra_threads: 2,
+            ..Default::default()
+        };
         let mut classifier = Classifier::load(&onnx_path, &copts)?;
         let (metrics, ips) = crate::eval::evaluate(&mut classifier, &splits.test, 64)?;
-        eprintln!("Held-out evaluation on {} ({}):\n{}", splits.test_name, splits.test.len(), metrics.report());
+        eprintln!(
+            "Held-out evaluation on {} ({}):\n{}",
+            splits.test_name,
+            splits.test.len(),
+            metrics.report()
+        );
         let report = EvalReport {
             model: onnx_path.display().to_string(),
             data: args.data.display().to_string(),
@@ -559,7 +665,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         history: state.history,
         test,
     };
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     Ok(summary)
 }
 
@@ -578,7 +687,8 @@ fn make_batch(
     let mut labels = Vec::with_capacity(idx.len());
     for &i in idx {
         let s = &set[i];
-        augmented_input(s, spec, aug, rng, &mut x).with_context(|| format!("augmenting {}", s.source))?;
+        augmented_input(s, spec, aug, rng, &mut x)
+            .with_context(|| format!("augmenting {}", s.source))?;
         let mut target = s.target;
         if args.label_smoothing > 0.0 {
             loss::smooth(&mut target, args.label_smoothing);
@@ -607,7 +717,12 @@ fn make_batch(
 }
 
 /// Validation metrics and mean loss (unweighted, unsmoothed) with the serving preprocessing.
-fn validate(model: &EfficientNet, set: &[Sample], spec: &ModelSpec, kind: LossKind) -> anyhow::Result<(Metrics, f64)> {
+fn validate(
+    model: &EfficientNet,
+    set: &[Sample],
+    spec: &ModelSpec,
+    kind: LossKind,
+) -> anyhow::Result<(Metrics, f64)> {
     let size = spec.input_size as usize;
     let (mut truth, mut pred) = (Vec::new(), Vec::new());
     let mut loss_sum = 0.0;
@@ -618,16 +733,23 @@ fn validate(model: &EfficientNet, set: &[Sample], spec: &ModelSpec, kind: LossKi
         }
         let logits = burn_logits(model, x, size);
         let t: Vec<f32> = chunk.iter().flat_map(|s| s.target).collect();
-        let lt = Tensor::<2>::from_data(TensorData::new(logits.clone(), [chunk.len(), K]), &device());
+        let lt =
+            Tensor::<2>::from_data(TensorData::new(logits.clone(), [chunk.len(), K]), &device());
         let tt = Tensor::<2>::from_data(TensorData::new(t, [chunk.len(), K]), &device());
-        let l = loss::loss(lt, tt, None, kind).into_data().convert::<f32>().try_to_vec::<f32>()?[0] as f64;
+        let l = loss::loss(lt, tt, None, kind)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()?[0] as f64;
         loss_sum += l * chunk.len() as f64;
         for (row, s) in logits.chunks(K).zip(chunk) {
             pred.push(data::argmax(row));
             truth.push(s.label);
         }
     }
-    Ok((Metrics::from_predictions(&truth, &pred), loss_sum / set.len().max(1) as f64))
+    Ok((
+        Metrics::from_predictions(&truth, &pred),
+        loss_sum / set.len().max(1) as f64,
+    ))
 }
 
 #[cfg(test)]
@@ -653,16 +775,34 @@ mod tests {
         let mk = |label: usize, v: u8| {
             let mut target = [0.0; K];
             target[label] = 1.0;
-            Sample { pixels: vec![v; 48 * 48], width: 48, height: 48, label, target, source: String::new() }
+            Sample {
+                pixels: vec![v; 48 * 48],
+                width: 48,
+                height: 48,
+                label,
+                target,
+                source: String::new(),
+            }
         };
         let set = vec![mk(0, 0), mk(3, 255), mk(6, 128)];
         let spec = model_spec(48, None);
-        let (x, t, labels) = make_batch(&set, &[0, 1, 2], &spec, &Augment::default(), &args, &mut Rng::new(5)).unwrap();
+        let (x, t, labels) = make_batch(
+            &set,
+            &[0, 1, 2],
+            &spec,
+            &Augment::default(),
+            &args,
+            &mut Rng::new(5),
+        )
+        .unwrap();
         assert_eq!(x.len(), 3 * spec.input_len());
         assert_eq!(labels, vec![0, 3, 6]);
         for row in t.chunks(K) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{row:?}");
-            assert!(row.iter().all(|v| *v >= 0.1 / K as f32 * 0.5), "smoothing floor: {row:?}");
+            assert!(
+                row.iter().all(|v| *v >= 0.1 / K as f32 * 0.5),
+                "smoothing floor: {row:?}"
+            );
         }
         // The sample's own class stays dominant (λ ≥ 0.5).
         for (row, l) in t.chunks(K).zip(&labels) {
