@@ -588,6 +588,7 @@ pub mod plot {
             e.val_loss
         })?;
         a.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .border_style(BLACK)
             .background_style(WHITE.mix(0.8))
             .label_font(("sans-serif", 13))
@@ -613,6 +614,7 @@ pub mod plot {
             e.val_macro_f1
         })?;
         b.configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
             .border_style(BLACK)
             .background_style(WHITE.mix(0.8))
             .label_font(("sans-serif", 13))
