@@ -34,6 +34,14 @@ enum Command {
     Validate,
     /// Measure per-stage times and end-to-end frames/s and latency on a video; prints a table.
     Bench(emotiond::bench::BenchArgs),
+    /// Measure a model on a labelled data set through the daemon's preprocessing and ONNX Runtime path.
+    Eval(emotiond::eval::EvalArgs),
+    /// Fine-tune EfficientNet on face-expression data and export the ONNX model the daemon serves.
+    #[cfg(feature = "train")]
+    Train(emotiond::train::TrainArgs),
+    /// Seconds per training step and images/s for B0 and Lite0 (a benchmark, not a test).
+    #[cfg(feature = "train")]
+    BenchTrain(emotiond::train::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +66,11 @@ fn main() -> ExitCode {
         }
         Command::Validate => emotiond::commands::validate(&config).map(|msg| println!("{msg}")),
         Command::Bench(args) => emotiond::bench::run(&config, &args),
+        Command::Eval(args) => emotiond::eval::run(args),
+        #[cfg(feature = "train")]
+        Command::Train(args) => emotiond::train::run(args),
+        #[cfg(feature = "train")]
+        Command::BenchTrain(args) => emotiond::train::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

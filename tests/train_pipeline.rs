@@ -1,0 +1,299 @@
+//! End to end on a tiny generated data set: train a few steps at 48 px, loss falls and accuracy beats chance;
+//! export ONNX; burn vs ONNX Runtime parity; `eval` through the daemon's Classifier; `--resume` continues.
+//! Needs the ONNX Runtime library (ORT_DYLIB_PATH, the installed copy, or the `onnxruntime` Python wheel).
+#![cfg(feature = "train")]
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use clap::Parser;
+use emotiond::model::{Classifier, ClassifierOptions, build_session};
+use emotiond::train::model::{Arch, ModelConfig};
+use emotiond::train::{TrainArgs, burn_logits, device, export, model_spec};
+use opencv::core::{Mat, Scalar, Vector};
+use opencv::prelude::*;
+
+/// Makes sure ort can find its library: ORT_DYLIB_PATH, else the pip wheel (what CI installs).
+pub fn ort_library() {
+    if std::env::var_os("ORT_DYLIB_PATH").is_some()
+        || emotiond::model::resolve_library(None).is_ok()
+    {
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import onnxruntime, os, glob; d = os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'); print(sorted(glob.glob(d + '/libonnxruntime.so*'))[-1])"])
+        .output()
+        .expect("python3 to locate onnxruntime");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        Path::new(&p).is_file(),
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH"
+    );
+    // SAFETY: set once before any thread reads the environment (ort is initialised after this call).
+    unsafe { std::env::set_var("ORT_DYLIB_PATH", p) };
+}
+
+/// Class `k`: concentric rings with frequency depending on `k` (invariant to flips and small rotations), plus
+/// noise and a random centre offset, so the classes are learnable but not trivially identical images.
+fn pattern(k: usize, i: usize) -> Mat {
+    let mut state = ((k * 1000 + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % 10_000) as f32 / 10_000.0
+    };
+    let (cx, cy) = (24.0 + 4.0 * (rnd() - 0.5), 24.0 + 4.0 * (rnd() - 0.5));
+    let freq = 0.25 + 0.22 * k as f32;
+    let mut m =
+        Mat::new_rows_cols_with_default(48, 48, opencv::core::CV_8UC1, Scalar::all(0.0)).unwrap();
+    for y in 0..48 {
+        for x in 0..48 {
+            let r = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+            let v = 128.0 + 90.0 * (r * freq).sin() + 30.0 * (rnd() - 0.5);
+            *m.at_2d_mut::<u8>(y, x).unwrap() = v.clamp(0.0, 255.0) as u8;
+        }
+    }
+    m
+}
+
+fn make_dataset(root: &Path, train: usize, test: usize) {
+    for (split, n) in [("train", train), ("test", test)] {
+        for (k, class) in emotiond::model::FER_LABELS.iter().enumerate() {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let seed = if split == "train" { i } else { 10_000 + i };
+                let path = dir.join(format!("{i}.png"));
+                opencv::imgcodecs::imwrite(
+                    path.to_str().unwrap(),
+                    &pattern(k, seed),
+                    &Vector::new(),
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
+    let mut v: Vec<String> = [
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--arch",
+        "lite0",
+        "--input-size",
+        "48",
+        "--batch",
+        "16",
+        "--lr",
+        "3e-3",
+        "--warmup-epochs",
+        "0.5",
+        "--patience",
+        "0",
+        "--quiet",
+        "--no-plots",
+        "--plain-head",
+        "--val-fraction",
+        "0.15",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    Cli::parse_from(v).args
+}
+
+/// Max |Δ| between burn's inference forward and ort's `logits`/`probabilities` on random inputs.
+fn parity(
+    model: &emotiond::train::model::EfficientNet,
+    onnx: &Path,
+    size: usize,
+    batches: &[usize],
+) -> f32 {
+    let (mut session, _) = build_session(onnx, &ClassifierOptions::default()).unwrap();
+    let mut worst = 0.0f32;
+    let mut seed = 7u32;
+    for &n in batches {
+        let x: Vec<f32> = (0..n * 3 * size * size)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect();
+        let want = burn_logits(model, x.clone(), size);
+        let t = ort::value::Tensor::from_array(([n, 3, size, size], x)).unwrap();
+        let out = session.run(ort::inputs!["input" => t]).unwrap();
+        let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
+        assert_eq!(&shape[..], &[n as i64, 7]);
+        let (_, probs) = out["probabilities"].try_extract_tensor::<f32>().unwrap();
+        for (row, (l, p)) in want.chunks(7).zip(logits.chunks(7).zip(probs.chunks(7))) {
+            let soft = emotiond::model::softmax(row);
+            for j in 0..7 {
+                worst = worst.max((row[j] - l[j]).abs()).max((soft[j] - p[j]).abs());
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn train_export_parity_eval_resume() {
+    ort_library();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tiny");
+    make_dataset(&data, 24, 8);
+    let out = dir.path().join("run");
+    let t0 = std::time::Instant::now();
+
+    // 1. Train: 4 epochs of 8 steps of 16 images at 48 px from random init; focal loss + class weights.
+    let summary =
+        emotiond::train::train(&args(&data, &out, &["--epochs", "8", "--class-weights"])).unwrap();
+    eprintln!("trained in {:.1} s", t0.elapsed().as_secs_f64());
+    let h = &summary.history;
+    assert_eq!(h.len(), 8);
+    assert!(
+        h[7].train_loss < h[0].train_loss * 0.9,
+        "loss did not fall: {h:?}"
+    );
+    let test = summary.test.as_ref().expect("held-out evaluation");
+    eprintln!(
+        "tiny test accuracy {:.3}, macro-F1 {:.3}",
+        test.metrics.accuracy, test.metrics.macro_f1
+    );
+    assert!(
+        test.metrics.accuracy > 2.0 / 7.0,
+        "accuracy {} not above chance",
+        test.metrics.accuracy
+    );
+    for f in [
+        "model.onnx",
+        "run_config.json",
+        "history.json",
+        "best.bpk",
+        "checkpoint/state.json",
+        "eval/metrics.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    // 2. The daemon loads the export with no extra configuration, and reads our metadata.
+    let onnx = out.join("model.onnx");
+    let c = Classifier::load(&onnx, &ClassifierOptions::default()).unwrap();
+    assert_eq!(c.spec().input_size, 48);
+    assert_eq!(c.spec().color, emotiond::model::Color::Gray3);
+    assert_eq!(
+        c.spec()
+            .extra
+            .get("emotiond.architecture")
+            .map(String::as_str),
+        Some("efficientnet-lite0")
+    );
+    assert!(c.spec().extra.contains_key("emotiond.val_macro_f1"));
+    drop(c);
+
+    // 3. Parity: the best checkpoint in burn vs ort, two batch sizes.
+    let mut cfg = ModelConfig::new(Arch::Lite0, 7);
+    cfg.plain_head = true;
+    let best = cfg
+        .init(&device())
+        .try_load_file(out.join("best.bpk"))
+        .unwrap()
+        .valid();
+    let d = parity(&best, &onnx, 48, &[1, 5]);
+    eprintln!("parity max |Δ| = {d:e}");
+    assert!(d <= 1e-4, "parity {d}");
+
+    // 4. `eval` on the data set's test part writes metrics and plots.
+    let eval_out = dir.path().join("eval");
+    emotiond::eval::run(emotiond::eval::EvalArgs {
+        model: onnx.clone(),
+        data: data.clone(),
+        format: emotiond::train::data::DataFormat::Auto,
+        split: None,
+        label_map: None,
+        ferplus: None,
+        skip_bad: false,
+        out: Some(eval_out.clone()),
+        history: None,
+        batch: 32,
+        threads: 1,
+        ort_library: None,
+        no_plots: false,
+    })
+    .unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["n"], 56);
+    assert!((m["accuracy"].as_f64().unwrap() - test.metrics.accuracy).abs() < 1e-9);
+    for f in [
+        "confusion_matrix.png",
+        "class_distribution.png",
+        "training_curves.png",
+    ] {
+        assert!(eval_out.join(f).is_file(), "{f} missing");
+    }
+
+    // 5. --resume continues after epoch 4 (the first four epochs are kept, one more runs).
+    let resumed = emotiond::train::train(&args(
+        &data,
+        &out,
+        &[
+            "--epochs",
+            "9",
+            "--class-weights",
+            "--resume",
+            "--no-final-eval",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(resumed.history.len(), 9);
+    assert!((resumed.history[7].train_loss - h[7].train_loss).abs() < 1e-9); // kept from the checkpoint (JSON round trip)
+    assert_eq!(resumed.history[8].epoch, 9);
+    // A different architecture cannot resume this run.
+    let mut other = args(&data, &out, &["--epochs", "10", "--resume"]);
+    other.arch = Arch::B0;
+    let e = emotiond::train::train(&other).unwrap_err();
+    assert!(e.to_string().contains("--resume"), "{e}");
+    eprintln!("total {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// B0 (SE, SiLU) with the recipe head and Lite0 with the plain head: export after BN statistics moved, parity
+/// at two batch sizes and two input sizes.
+#[test]
+fn export_parity_b0_and_lite0() {
+    ort_library();
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, plain, size) in [(Arch::B0, false, 64), (Arch::Lite0, false, 48)] {
+        let dev = device().autodiff();
+        let mut cfg = ModelConfig::new(arch, 7);
+        cfg.plain_head = plain;
+        let model = cfg.init(&dev);
+        // Two training-mode forwards move the running statistics away from (0, 1), so folding is exercised.
+        for _ in 0..2 {
+            let x = burn::tensor::Tensor::<4>::random(
+                [4, 3, size, size],
+                burn::tensor::Distribution::Normal(0.3, 1.5),
+                &dev,
+            );
+            let _ = model.forward(x);
+        }
+        let model = model.valid();
+        let path: PathBuf = dir.path().join(format!("{arch:?}.onnx"));
+        export(&model, &model_spec(size as u32, None), &path).unwrap();
+        let d = parity(&model, &path, size, &[1, 3]);
+        eprintln!("{arch:?} {size}px parity max |Δ| = {d:e}");
+        assert!(d <= 1e-4, "{arch:?}: parity {d}");
+    }
+}
