@@ -29,6 +29,8 @@ fn now_ms() -> u64 {
 
 /// A mosquitto with persistence (so a stopped broker keeps the test subscriber's session and queue).
 fn persistent_broker(state: &Path) -> Mosquitto {
+    // mosquitto started as root drops to its own user: it must be able to write its database here.
+    open_up(state, 0o777);
     let port = free_port();
     Mosquitto::start_conf(
         port,
@@ -38,6 +40,12 @@ fn persistent_broker(state: &Path) -> Mosquitto {
             state.display()
         ),
     )
+}
+
+/// Test files only: let mosquitto (which drops root for its own user) read and write them.
+fn open_up(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// One emotion message as the subscriber saw it.
@@ -339,6 +347,11 @@ impl Pki {
                 &format!("{who}.ext"),
             ]);
         }
+        // mosquitto drops root for its own user before it reads its certificate and key.
+        open_up(d, 0o755);
+        for name in ["ca.pem", "server.pem", "server.key"] {
+            open_up(&d.join(name), 0o644);
+        }
         Self { dir }
     }
 }
@@ -358,6 +371,7 @@ fn tls_with_client_certificate_and_no_plaintext_fallback() {
         .status()
         .expect("mosquitto_passwd is installed with mosquitto");
     assert!(ok.success());
+    open_up(&passwd, 0o644);
     // TLS listener with client certificates required; a plaintext listener for the test subscriber. A client that
     // gives a user name must give its password (password_file); the anonymous subscriber is let in.
     let _broker = Mosquitto::start_conf(
@@ -435,6 +449,11 @@ fn tls_with_client_certificate_and_no_plaintext_fallback() {
             "{node} must not get through: {:?}",
             sub.received.iter().map(|m| &m.topic).collect::<Vec<_>>()
         );
+    }
+    for (name, log) in [("wrong CA", &log_wrong), ("plaintext listener", &log_plain)] {
+        for line in log.lines().filter(|l| l.contains("ERROR")) {
+            eprintln!("{name}: {line}");
+        }
     }
     let broker_name = format!("127.0.0.1:{tls_port}");
     assert!(

@@ -640,7 +640,12 @@ async fn drive(
                     if is_certificate_error(&e) && !cert_logged {
                         cert_logged = true;
                         outage_logged = true;
-                        tracing::error!(broker = %url, "TLS connection to the MQTT broker {url} failed: {e}. Check that mqtt.tls.ca_file holds the CA that signed the broker's certificate, that the certificate names this host, and that our client certificate is accepted. Not falling back to plaintext; results are kept in the spool.");
+                        let advice = if e.to_string().to_ascii_lowercase().contains("certificate") {
+                            "The certificate was not accepted: check that mqtt.tls.ca_file holds the CA that signed the broker's certificate, that the certificate names this host, and that the broker accepts our client certificate"
+                        } else {
+                            "The TLS handshake did not complete: check that this port is the broker's TLS listener and that it accepts our client certificate (mqtt.tls.client_cert)"
+                        };
+                        tracing::error!(broker = %url, "TLS connection to the MQTT broker {url} failed: {e}. {advice}. Not falling back to plaintext; results are kept in the spool.");
                     } else if !outage_logged {
                         outage_logged = true;
                         tracing::warn!(broker = %url, "MQTT broker unreachable ({e}); retrying with backoff, results are kept in the spool.");
