@@ -104,6 +104,8 @@ enum LinkEvent {
     Connected(AsyncClient),
     /// The session ended; everything sent in it and not acknowledged must be sent again.
     Disconnected,
+    /// A connection attempt failed (reported once per outage).
+    Unreachable,
     /// rumqttc wrote a PUBLISH with this packet id (in the order we queued them).
     Sent(u16),
     /// The broker acknowledged this packet id.
@@ -171,7 +173,7 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
         (_, false) => true,
     };
 
-    let spool = match open_spool(&cfg, &client_id) {
+    let (spool, private_spool) = match open_spool(&cfg, &client_id) {
         Some(s) => s,
         None => return disabled("the spool could not be opened", rx).await,
     };
@@ -282,7 +284,13 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
     if let Some(d) = driver {
         let _ = d.await;
     }
-    p.stats
+    let stats = p.stats;
+    let dir = p.spool.dir().to_owned();
+    drop(p);
+    if private_spool && stats.left_in_spool == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    stats
 }
 
 /// No broker address or no spool: count what arrives and say why nothing flows.
@@ -298,11 +306,12 @@ async fn disabled(why: &str, mut rx: mpsc::Receiver<Outgoing>) -> PublishStats {
 
 /// Opens the spool; if another daemon holds it, or it cannot be created, falls back to a private one (said
 /// loudly: messages in a private spool are only replayed by a daemon that is pointed at it).
-fn open_spool(cfg: &MqttConfig, client_id: &str) -> Option<Spool> {
+/// Returns the spool and whether it is such a private one (removed at exit when empty).
+fn open_spool(cfg: &MqttConfig, client_id: &str) -> Option<(Spool, bool)> {
     let dir = cfg.spool_path(client_id);
     let fsync = Duration::from_millis(cfg.spool_fsync_ms);
     let err = match Spool::open(&dir, cfg.spool_max_bytes, fsync) {
-        Ok(s) => return Some(s),
+        Ok(s) => return Some((s, false)),
         Err(e) => e,
     };
     let fallback = match &err {
@@ -318,7 +327,7 @@ fn open_spool(cfg: &MqttConfig, client_id: &str) -> Option<Spool> {
     match Spool::open(&fallback, cfg.spool_max_bytes, fsync) {
         Ok(s) => {
             tracing::error!(spool = %fallback.display(), "{err}. Using a private spool in {} for this run instead.", fallback.display());
-            Some(s)
+            Some((s, true))
         }
         Err(e2) => {
             tracing::error!("{err}; the fallback failed too: {e2}.");
@@ -499,6 +508,9 @@ impl Publisher {
                     self.publish_status(&camera, state);
                 }
             }
+            LinkEvent::Unreachable => {
+                self.down_since.get_or_insert_with(Instant::now);
+            }
             LinkEvent::Disconnected => {
                 if self.client.take().is_some() {
                     self.down_since = Some(Instant::now());
@@ -640,6 +652,7 @@ async fn drive(
                     if is_certificate_error(&e) && !cert_logged {
                         cert_logged = true;
                         outage_logged = true;
+                        let _ = tx.send(LinkEvent::Unreachable);
                         let advice = if e.to_string().to_ascii_lowercase().contains("certificate") {
                             "The certificate was not accepted: check that mqtt.tls.ca_file holds the CA that signed the broker's certificate, that the certificate names this host, and that the broker accepts our client certificate"
                         } else {
@@ -649,6 +662,7 @@ async fn drive(
                     } else if !outage_logged {
                         outage_logged = true;
                         tracing::warn!(broker = %url, "MQTT broker unreachable ({e}); retrying with backoff, results are kept in the spool.");
+                        let _ = tx.send(LinkEvent::Unreachable);
                     } else {
                         tracing::debug!(broker = %url, "MQTT connection attempt failed: {e}");
                     }
