@@ -494,7 +494,10 @@ impl MqttConfig {
             ));
         }
         if self.inflight == 0 || self.inflight > 1000 {
-            errs.push(format!("mqtt.inflight = {}: must be 1..=1000", self.inflight));
+            errs.push(format!(
+                "mqtt.inflight = {}: must be 1..=1000",
+                self.inflight
+            ));
         }
         if self.spool_fsync_ms > 60_000 {
             errs.push(format!(
@@ -829,14 +832,22 @@ mod tests {
             client_key: None,
         });
         let p = m.problems().join("\n");
-        for needle in ["plaintext", "/nonexistent/ca.pem", "go together", "/nonexistent/c.pem"] {
+        for needle in [
+            "plaintext",
+            "/nonexistent/ca.pem",
+            "go together",
+            "/nonexistent/c.pem",
+        ] {
             assert!(p.contains(needle), "missing {needle} in {p}");
         }
         m.tls = None;
         m.spool_max_bytes = 10;
         m.inflight = 0;
         let p = m.problems().join("\n");
-        assert!(p.contains("spool_max_bytes") && p.contains("mqtt.inflight"), "{p}");
+        assert!(
+            p.contains("spool_max_bytes") && p.contains("mqtt.inflight"),
+            "{p}"
+        );
     }
 
     #[test]
@@ -848,7 +859,9 @@ mod tests {
         let tls = c.mqtt.tls.unwrap();
         assert_eq!(tls.ca_file, PathBuf::from("/ca.pem"));
         assert_eq!(tls.client_key, Some(PathBuf::from("/k.pem")));
-        let e = load_str("[mqtt.tls]\nca_fil = \"/ca.pem\"\n").unwrap_err().to_string();
+        let e = load_str("[mqtt.tls]\nca_fil = \"/ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ca_fil"), "{e}");
     }
 
@@ -856,7 +869,10 @@ mod tests {
     fn spool_path_defaults() {
         let mut m = MqttConfig::default();
         m.spool_dir = Some("/var/spool/x".into());
-        assert_eq!(m.spool_path("emotiond-a/b"), PathBuf::from("/var/spool/x/emotiond-a_b"));
+        assert_eq!(
+            m.spool_path("emotiond-a/b"),
+            PathBuf::from("/var/spool/x/emotiond-a_b")
+        );
         assert_eq!(m.client_id_for("kitchen"), "emotiond-kitchen");
     }
 
@@ -866,7 +882,10 @@ mod tests {
         c.mqtt.username = Some("user".into());
         c.mqtt.password = Some(Secret("hunter2-pw".into()));
         let text = format!("{c:?} {c:#?}");
-        assert!(!text.contains("hunter2-pw") && text.contains("***"), "{text}");
+        assert!(
+            !text.contains("hunter2-pw") && text.contains("***"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -151,7 +151,11 @@ fn check_runs(got: &[Got]) -> (Vec<(u64, u64)>, usize) {
         check_message(f);
         if !seen.insert((f.camera.clone(), f.seq, f.ts_ms)) {
             dups += 1;
-            assert!(g.dup, "a duplicate the broker did not flag as a re-delivery: seq {}", f.seq);
+            assert!(
+                g.dup,
+                "a duplicate the broker did not flag as a re-delivery: seq {}",
+                f.seq
+            );
             continue;
         }
         match runs.last_mut() {
@@ -194,7 +198,10 @@ fn broker_outage_every_message_exactly_once_in_order() {
     let stopped_at = now_ms();
     broker.stop();
     std::thread::sleep(Duration::from_secs(30));
-    assert!(daemon.is_running(), "the daemon must ride out a broker outage");
+    assert!(
+        daemon.is_running(),
+        "the daemon must ride out a broker outage"
+    );
     let restarted_at = now_ms();
     broker.restart();
     // Wait for frames captured well after the restart: the spool has been replayed by then.
@@ -207,7 +214,11 @@ fn broker_outage_every_message_exactly_once_in_order() {
     sub.wait_until(Duration::from_secs(2), |_| false);
 
     let (runs, dups) = check_runs(&sub.got);
-    let before = sub.got.iter().filter(|g| g.frame.ts_ms < stopped_at).count();
+    let before = sub
+        .got
+        .iter()
+        .filter(|g| g.frame.ts_ms < stopped_at)
+        .count();
     let during = sub
         .got
         .iter()
@@ -219,11 +230,21 @@ fn broker_outage_every_message_exactly_once_in_order() {
          broker re-deliveries {dups}",
         sub.got.len()
     );
-    assert_eq!(runs.len(), 1, "the camera pipeline did not restart, so one run: {runs:?}");
+    assert_eq!(
+        runs.len(),
+        1,
+        "the camera pipeline did not restart, so one run: {runs:?}"
+    );
     assert_eq!(runs[0].0, 1, "the first message is seq 1");
     // 30 s at 5 fps is 150 frames; allow for a slow CI machine.
-    assert!(during >= 60, "only {during} messages from the outage arrived");
-    assert!(before >= 10 && after >= 10, "before {before}, after {after}");
+    assert!(
+        during >= 60,
+        "only {during} messages from the outage arrived"
+    );
+    assert!(
+        before >= 10 && after >= 10,
+        "before {before}, after {after}"
+    );
     assert!(
         log.contains("Lost the MQTT broker") && log.contains("Reconnected"),
         "{log}"
@@ -260,7 +281,8 @@ fn sigkill_while_broker_down_spool_is_delivered_after_restart() {
     let broker_back = now_ms();
     broker.restart();
     let caught_up = sub.wait_until(Duration::from_secs(60), |g| {
-        g.iter().any(|g| g.frame.seq < 50 && g.frame.ts_ms > broker_back + 3000)
+        g.iter()
+            .any(|g| g.frame.seq < 50 && g.frame.ts_ms > broker_back + 3000)
     });
     let (status, log2) = second.stop();
     assert!(caught_up, "first run:\n{log1}\nsecond run:\n{log2}");
@@ -287,14 +309,20 @@ fn sigkill_while_broker_down_spool_is_delivered_after_restart() {
         runs[1]
     );
     // 8 s at 5 fps ≈ 40 frames captured while the broker was down, all of which were spooled.
-    assert!(spooled1 >= 20, "only {spooled1} of the first run's outage messages arrived\n{log2}");
+    assert!(
+        spooled1 >= 20,
+        "only {spooled1} of the first run's outage messages arrived\n{log2}"
+    );
     // Nothing written before the kill is lost: at most the frame being processed at that instant is missing.
     assert!(
         killed_at.saturating_sub(last1) < 1500,
         "the first run's last message is {} ms older than the kill",
         killed_at - last1
     );
-    assert!(spooled2 >= 5, "the second run's spooled messages: {spooled2}");
+    assert!(
+        spooled2 >= 5,
+        "the second run's spooled messages: {spooled2}"
+    );
     assert!(log2.contains("from an earlier run"), "{log2}");
 }
 
@@ -325,8 +353,20 @@ impl Pki {
         };
         for ca in ["ca", "wrong-ca"] {
             run(&[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem"), "-days", "2", "-subj",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "2",
+                "-subj",
                 &format!("/CN=emotiond test {ca}"),
             ]);
         }
@@ -338,12 +378,34 @@ impl Pki {
         std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
         for who in ["server", "client"] {
             run(&[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-                &format!("{who}.key"), "-out", &format!("{who}.csr"), "-subj", &format!("/CN={who}"),
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &format!("/CN={who}"),
             ]);
             run(&[
-                "x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", &format!("{who}.pem"), "-days", "2", "-extfile",
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{who}.pem"),
+                "-days",
+                "2",
+                "-extfile",
                 &format!("{who}.ext"),
             ]);
         }
@@ -437,7 +499,10 @@ fn tls_with_client_certificate_and_no_plaintext_fallback() {
     let (s3, log_plain) = plain.stop();
     assert!(got, "nothing arrived over TLS:\n{log_good}");
     assert!(s1.success() && s2.success() && s3.success());
-    assert!(log_good.contains("Connected to the MQTT broker"), "{log_good}");
+    assert!(
+        log_good.contains("Connected to the MQTT broker"),
+        "{log_good}"
+    );
     for f in sub.emotions() {
         check_message(&f);
     }
@@ -457,23 +522,35 @@ fn tls_with_client_certificate_and_no_plaintext_fallback() {
     }
     let broker_name = format!("127.0.0.1:{tls_port}");
     assert!(
-        log_wrong.contains("ERROR") && log_wrong.contains(&broker_name) && log_wrong.contains("certificate"),
+        log_wrong.contains("ERROR")
+            && log_wrong.contains(&broker_name)
+            && log_wrong.contains("certificate"),
         "a wrong CA must be a clear error naming the broker and the certificate:\n{log_wrong}"
     );
     assert!(
-        log_plain.contains(&format!("127.0.0.1:{plain_port}")) && !log_plain.contains("Connected to the MQTT broker"),
+        log_plain.contains(&format!("127.0.0.1:{plain_port}"))
+            && !log_plain.contains("Connected to the MQTT broker"),
         "{log_plain}"
     );
     // The undelivered messages stay in the spool for when the operator fixes the CA.
-    assert!(log_wrong.contains("undelivered messages in the spool"), "{log_wrong}");
+    assert!(
+        log_wrong.contains("undelivered messages in the spool"),
+        "{log_wrong}"
+    );
     for log in [&log_good, &log_wrong, &log_plain] {
-        assert!(!log.contains(PASSWORD), "the password leaked into the log:\n{log}");
+        assert!(
+            !log.contains(PASSWORD),
+            "the password leaked into the log:\n{log}"
+        );
     }
     let (code, out, err) = run_cli(
         &["validate", "--config", &good_cfg.path.display().to_string()],
         &[],
     );
-    assert!(!out.contains(PASSWORD) && !err.contains(PASSWORD), "{out}{err}");
+    assert!(
+        !out.contains(PASSWORD) && !err.contains(PASSWORD),
+        "{out}{err}"
+    );
     let _ = code;
 }
 
@@ -484,7 +561,10 @@ fn validate_rejects_tls_mistakes() {
         "[mqtt]\nbroker = \"mqtts://broker.example:8883\"\n{}",
         camera("cam", SAMPLE, true, false, 0.0)
     ));
-    let (code, _, err) = run_cli(&["validate", "--config", &cfg.path.display().to_string()], &[]);
+    let (code, _, err) = run_cli(
+        &["validate", "--config", &cfg.path.display().to_string()],
+        &[],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("mqtt.tls.ca_file"), "{err}");
     let cfg = write_config(&format!(
@@ -492,7 +572,10 @@ fn validate_rejects_tls_mistakes() {
          client_key = \"/nonexistent/k.pem\"\n{}",
         camera("cam", SAMPLE, true, false, 0.0)
     ));
-    let (code, _, err) = run_cli(&["validate", "--config", &cfg.path.display().to_string()], &[]);
+    let (code, _, err) = run_cli(
+        &["validate", "--config", &cfg.path.display().to_string()],
+        &[],
+    );
     assert_ne!(code, 0);
     for needle in ["plaintext", "/nonexistent/ca.pem", "client_cert"] {
         assert!(err.contains(needle), "missing {needle}: {err}");

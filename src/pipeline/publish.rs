@@ -209,6 +209,8 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
         stats: PublishStats::default(),
         dropped_unlogged: 0,
         last_drop_log: None,
+        lost_unlogged: 0,
+        last_loss_log: None,
         sessions: 0,
         down_since: None,
         url,
@@ -277,7 +279,9 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
             .await
             .is_err()
         {
-            tracing::warn!("The MQTT broker did not take the last messages within 2 s; shutting down anyway.");
+            tracing::warn!(
+                "The MQTT broker did not take the last messages within 2 s; shutting down anyway."
+            );
         }
     }
     stop_link.cancel();
@@ -342,21 +346,24 @@ pub fn client_tls(tls: &MqttTlsConfig) -> Result<rustls::ClientConfig, PublishEr
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = |key: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, PublishError> {
-        let bad = |reason: String| PublishError::TlsFile {
-            key,
-            path: path.to_owned(),
-            reason,
+    let certs =
+        |key: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, PublishError> {
+            let bad = |reason: String| PublishError::TlsFile {
+                key,
+                path: path.to_owned(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not a PEM certificate file ({e})")))?;
+            if certs.is_empty() {
+                return Err(bad(
+                    "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+                ));
+            }
+            Ok(certs)
         };
-        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let certs = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("not a PEM certificate file ({e})")))?;
-        if certs.is_empty() {
-            return Err(bad("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into()));
-        }
-        Ok(certs)
-    };
     let mut roots = rustls::RootCertStore::empty();
     for c in certs("ca_file", &tls.ca_file)? {
         roots.add(c).map_err(|e| PublishError::TlsFile {
@@ -403,6 +410,9 @@ struct Publisher {
     stats: PublishStats,
     dropped_unlogged: u64,
     last_drop_log: Option<Instant>,
+    /// Spool write failures not yet logged, and when the last were.
+    lost_unlogged: u64,
+    last_loss_log: Option<Instant>,
     sessions: u64,
     down_since: Option<Instant>,
     url: String,
@@ -417,8 +427,20 @@ impl Publisher {
                 match self.spool.append(&topic, r.to_json().as_bytes()) {
                     Ok(_) => self.stats.spooled += 1,
                     Err(e) => {
+                        // A full or broken disk fails every append: say it once per interval, with the count.
                         self.stats.failed += 1;
-                        tracing::error!("A result could not be written to the spool and is lost: {e}.");
+                        self.lost_unlogged += 1;
+                        if self
+                            .last_loss_log
+                            .is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL)
+                        {
+                            tracing::error!(
+                                lost = self.lost_unlogged,
+                                "Results could not be written to the spool and are lost: {e}."
+                            );
+                            self.lost_unlogged = 0;
+                            self.last_loss_log = Some(Instant::now());
+                        }
                     }
                 }
             }
@@ -431,7 +453,9 @@ impl Publisher {
 
     fn flush_spool(&mut self) {
         if let Err(e) = self.spool.flush() {
-            tracing::error!("Spool write failed; the latest results may be lost if the daemon dies now: {e}.");
+            tracing::error!(
+                "Spool write failed; the latest results may be lost if the daemon dies now: {e}."
+            );
         }
     }
 
@@ -489,8 +513,12 @@ impl Publisher {
                 }
                 let pending = self.spool.pending();
                 match self.down_since.take() {
-                    Some(t) => tracing::info!(broker = %self.url, spooled = pending, "Reconnected to the MQTT broker after {:.1} s; sending {pending} spooled messages.", t.elapsed().as_secs_f32()),
-                    None if pending > 0 => tracing::info!(broker = %self.url, spooled = pending, "Connected to the MQTT broker; sending {pending} spooled messages."),
+                    Some(t) => {
+                        tracing::info!(broker = %self.url, spooled = pending, "Reconnected to the MQTT broker after {:.1} s; sending {pending} spooled messages.", t.elapsed().as_secs_f32())
+                    }
+                    None if pending > 0 => {
+                        tracing::info!(broker = %self.url, spooled = pending, "Connected to the MQTT broker; sending {pending} spooled messages.")
+                    }
                     None => tracing::info!(broker = %self.url, "Connected to the MQTT broker."),
                 }
                 self.queued.clear();
@@ -681,7 +709,9 @@ async fn drive(
                 e = eventloop.poll() => e,
             };
             let report = match event {
-                Ok(ev) if report(&ev, qos_level).is_some() => report(&ev, qos_level).expect("checked"),
+                Ok(ev) if report(&ev, qos_level).is_some() => {
+                    report(&ev, qos_level).expect("checked")
+                }
                 Ok(Event::Outgoing(MqttOutgoing::Disconnect)) => {
                     // Our own DISCONNECT at shutdown (rumqttc has written it when it reports it).
                     let _ = tx.send(LinkEvent::Disconnected);

@@ -259,8 +259,14 @@ impl Spool {
         body.extend_from_slice(&topic_len.to_le_bytes());
         body.extend_from_slice(topic.as_bytes());
         body.extend_from_slice(payload);
-        let seg = self.segments.back_mut().expect("rotate made a segment: this is a bug");
-        let w = self.writer.as_mut().expect("rotate opened a writer: this is a bug");
+        let seg = self
+            .segments
+            .back_mut()
+            .expect("rotate made a segment: this is a bug");
+        let w = self
+            .writer
+            .as_mut()
+            .expect("rotate opened a writer: this is a bug");
         let res = (|| {
             w.write_all(&(body.len() as u32).to_le_bytes())?;
             w.write_all(&crc32(&body).to_le_bytes())?;
@@ -450,7 +456,10 @@ impl Spool {
         }
         self.acked = upto.min(self.next_id);
         while self.segments.len() > 1
-            && self.segments.front().is_some_and(|s| s.end_id() <= self.acked)
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.end_id() <= self.acked)
         {
             let seg = self.segments.pop_front().expect("checked");
             self.total_bytes -= seg.bytes;
@@ -461,7 +470,8 @@ impl Spool {
 
     /// Writes the cursor if it moved and the last write is [`ACK_PERSIST_INTERVAL`] ago.
     pub fn persist_ack_if_due(&mut self) -> Result<(), SpoolError> {
-        if self.acked != self.acked_on_disk && self.last_ack_write.elapsed() >= ACK_PERSIST_INTERVAL {
+        if self.acked != self.acked_on_disk && self.last_ack_write.elapsed() >= ACK_PERSIST_INTERVAL
+        {
             self.persist_ack()?;
         }
         Ok(())
@@ -551,17 +561,26 @@ fn read_record(r: &mut impl Read) -> io::Result<Option<Record>> {
     let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(h[4..].try_into().expect("4 bytes"));
     if !(10..=MAX_RECORD).contains(&len) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad record length"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad record length",
+        ));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     if crc32(&body) != crc {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad record checksum"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad record checksum",
+        ));
     }
     let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
     let tlen = u16::from_le_bytes(body[8..10].try_into().expect("2 bytes")) as usize;
     if 10 + tlen > len {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad topic length"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad topic length",
+        ));
     }
     let topic = String::from_utf8_lossy(&body[10..10 + tlen]).into_owned();
     let payload = body[10 + tlen..].to_vec();
@@ -577,7 +596,11 @@ fn crc32(data: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             t[i] = c;
@@ -618,7 +641,10 @@ mod tests {
         }
         s.flush().unwrap();
         let got = s.read_next(30).unwrap();
-        assert_eq!(got.iter().map(|r| r.id).collect::<Vec<_>>(), (0..30).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|r| r.id).collect::<Vec<_>>(),
+            (0..30).collect::<Vec<_>>()
+        );
         assert_eq!(got[5].payload, payload(5));
         assert_eq!(got[5].topic, "t/a");
         // More appends while reading; the reader follows the writer.
@@ -634,7 +660,10 @@ mod tests {
         // After a reconnect everything unacknowledged comes again, in order.
         s.rewind();
         let again = s.read_next(1000).unwrap();
-        assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), (120..150).collect::<Vec<_>>());
+        assert_eq!(
+            again.iter().map(|r| r.id).collect::<Vec<_>>(),
+            (120..150).collect::<Vec<_>>()
+        );
         s.seek(140);
         assert_eq!(s.read_next(1).unwrap()[0].id, 140);
     }
@@ -660,7 +689,10 @@ mod tests {
         assert!((321..=400).contains(&start), "{start}");
         assert_eq!(s.next_id(), 500);
         let got = s.read_next(1000).unwrap();
-        assert_eq!(got.iter().map(|r| r.id).collect::<Vec<_>>(), (start..500).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|r| r.id).collect::<Vec<_>>(),
+            (start..500).collect::<Vec<_>>()
+        );
         assert_eq!(got[0].payload, payload(start));
         // New ids continue after the old ones.
         assert_eq!(s.append("t", b"new").unwrap(), 500);
