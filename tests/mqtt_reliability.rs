@@ -581,3 +581,55 @@ fn validate_rejects_tls_mistakes() {
         assert!(err.contains(needle), "missing {needle}: {err}");
     }
 }
+
+/// The spool's bound end to end: a small spool during an outage keeps the newest messages, drops the oldest, and
+/// says how many.
+#[test]
+fn full_spool_drops_the_oldest_and_counts_them() {
+    let state = tempfile::tempdir().unwrap();
+    let mut broker = persistent_broker(state.path());
+    let mut sub = DurableSubscriber::connect(broker.port);
+    broker.stop();
+    let spool = tempfile::tempdir().unwrap();
+    // 64 KiB (the smallest allowed) holds ~90 messages; every frame at 24 fps overflows it in a few seconds.
+    let cfg = write_config(&format!(
+        "[node]\nid = \"small\"\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{}\"\npublish_empty = true\n\
+         spool_max_bytes = 65536\nspool_dir = \"{}\"\n{}",
+        broker.port,
+        spool.path().display(),
+        camera("cam", SAMPLE, true, true, 0.0)
+    ));
+    let daemon = Daemon::start(&cfg.path);
+    std::thread::sleep(Duration::from_secs(14));
+    broker.restart();
+    let restarted_at = now_ms();
+    let caught_up = sub.wait_until(Duration::from_secs(60), |g| {
+        g.iter().any(|g| g.frame.ts_ms > restarted_at + 2000)
+    });
+    let (status, log) = daemon.stop();
+    assert!(caught_up && status.success(), "{log}");
+    sub.wait_until(Duration::from_secs(2), |_| false);
+    let (runs, _) = check_runs(&sub.got);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let first = runs[0].0;
+    // "… the N oldest undelivered messages were dropped." — logged at most every 10 s, so add them up.
+    let logged: u64 = log
+        .match_indices(" oldest undelivered messages were dropped")
+        .map(|(i, _)| {
+            let head = &log[..i];
+            head[head.rfind("the ").unwrap() + 4..]
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    eprintln!(
+        "full spool: first seq delivered {first} (the {} before it dropped; the log counted {logged}), last {}",
+        first - 1,
+        runs[0].1
+    );
+    assert!(
+        first > 50,
+        "the oldest messages should have been dropped: {runs:?}"
+    );
+    assert_eq!(logged, first - 1, "every dropped message is counted\n{log}");
+}

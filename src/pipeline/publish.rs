@@ -233,7 +233,7 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
                 None => break,
             },
             Some(ev) = link_rx.recv() => p.on_link(ev),
-            _ = tick.tick() => p.housekeeping(),
+            _ = tick.tick() => p.housekeeping(false),
         }
         p.fill();
     }
@@ -260,7 +260,7 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
     if let Err(e) = p.spool.sync().and_then(|()| p.spool.persist_ack()) {
         tracing::error!("{e}");
     }
-    p.housekeeping();
+    p.housekeeping(true);
 
     if let Some(client) = p.client.take() {
         let finish = async {
@@ -589,8 +589,8 @@ impl Publisher {
         self.acked_ahead = self.acked_ahead.split_off(&floor);
     }
 
-    /// Timer work: owed fsync, ack cursor, spool-full reports.
-    fn housekeeping(&mut self) {
+    /// Timer work: owed fsync, ack cursor, spool-full reports (`last`: at exit, report whatever is left).
+    fn housekeeping(&mut self, last: bool) {
         if self.spool.sync_due() {
             if let Err(e) = self.spool.sync() {
                 tracing::error!("{e}");
@@ -599,13 +599,21 @@ impl Publisher {
         if let Err(e) = self.spool.persist_ack_if_due() {
             tracing::error!("{e}");
         }
+        if last && self.lost_unlogged > 0 {
+            tracing::error!(
+                lost = self.lost_unlogged,
+                "Results could not be written to the spool and are lost."
+            );
+            self.lost_unlogged = 0;
+        }
         let dropped = self.spool.take_dropped();
         self.stats.failed += dropped;
         self.dropped_unlogged += dropped;
         if self.dropped_unlogged > 0
-            && self
-                .last_drop_log
-                .is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL)
+            && (last
+                || self
+                    .last_drop_log
+                    .is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL))
         {
             tracing::error!(
                 spool = %self.spool.dir().display(),
