@@ -42,6 +42,18 @@ fn persistent_broker(state: &Path) -> Mosquitto {
     )
 }
 
+/// Resident memory of a process, KiB (0 if unknown).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Test files only: let mosquitto (which drops root for its own user) read and write them.
 fn open_up(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
@@ -197,11 +209,13 @@ fn broker_outage_every_message_exactly_once_in_order() {
     );
     let stopped_at = now_ms();
     broker.stop();
+    let rss_before = rss_kib(daemon.child.id());
     std::thread::sleep(Duration::from_secs(30));
     assert!(
         daemon.is_running(),
         "the daemon must ride out a broker outage"
     );
+    let rss_after = rss_kib(daemon.child.id());
     let restarted_at = now_ms();
     broker.restart();
     // Wait for frames captured well after the restart: the spool has been replayed by then.
@@ -227,7 +241,7 @@ fn broker_outage_every_message_exactly_once_in_order() {
     let after = sub.got.len() - before - during;
     eprintln!(
         "outage test: {} messages (before {before}, during the 30 s outage {during}, after {after}), runs {runs:?}, \
-         broker re-deliveries {dups}",
+         broker re-deliveries {dups}; daemon RSS {rss_before} KiB when the outage began, {rss_after} KiB at its end",
         sub.got.len()
     );
     assert_eq!(
