@@ -327,7 +327,9 @@ pub struct MqttConfig {
     /// QoS of emotion messages (0, 1 or 2). Status messages use 1 and are retained. With 0 a message leaves the
     /// spool once written to the socket, without an acknowledgement.
     pub qos: u8,
+    /// User name for the broker, if it asks for one.
     pub username: Option<String>,
+    /// Its password; never printed (`Debug` shows `***`). Prefer `EMOTIOND__MQTT__PASSWORD` from a secret store.
     pub password: Option<Secret>,
     /// Publish a message for frames without faces too.
     pub publish_empty: bool,
@@ -536,10 +538,10 @@ impl MqttConfig {
                 ("mqtt.tls.client_cert", &tls.client_cert),
                 ("mqtt.tls.client_key", &tls.client_key),
             ] {
-                if let Some(p) = path {
-                    if !p.is_file() {
-                        errs.push(format!("{key}: {} does not exist", p.display()));
-                    }
+                if let Some(p) = path
+                    && !p.is_file()
+                {
+                    errs.push(format!("{key}: {} does not exist", p.display()));
                 }
             }
         }
@@ -811,8 +813,10 @@ mod tests {
 
     #[test]
     fn tls_broker_urls_and_checks() {
-        let mut m = MqttConfig::default();
-        m.broker = "mqtts://broker.local".into();
+        let mut m = MqttConfig {
+            broker: "mqtts://broker.local".into(),
+            ..MqttConfig::default()
+        };
         assert!(m.uses_tls());
         assert_eq!(
             m.addr(),
@@ -867,8 +871,10 @@ mod tests {
 
     #[test]
     fn spool_path_defaults() {
-        let mut m = MqttConfig::default();
-        m.spool_dir = Some("/var/spool/x".into());
+        let m = MqttConfig {
+            spool_dir: Some("/var/spool/x".into()),
+            ..MqttConfig::default()
+        };
         assert_eq!(
             m.spool_path("emotiond-a/b"),
             PathBuf::from("/var/spool/x/emotiond-a_b")

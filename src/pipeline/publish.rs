@@ -125,7 +125,7 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
     let (host, port) = match cfg.addr() {
         Ok(BrokerAddr::Embedded { bind, port }) => (connect_host(&bind), port),
         Ok(BrokerAddr::External { host, port }) => (host, port),
-        Err(e) => return disabled(&format!("{e}"), rx).await,
+        Err(e) => return disabled(&e, rx).await,
     };
     let client_id = cfg.client_id_for(&node);
     let status = status_topic(&cfg.topic_prefix, &node);
@@ -591,10 +591,10 @@ impl Publisher {
 
     /// Timer work: owed fsync, ack cursor, spool-full reports (`last`: at exit, report whatever is left).
     fn housekeeping(&mut self, last: bool) {
-        if self.spool.sync_due() {
-            if let Err(e) = self.spool.sync() {
-                tracing::error!("{e}");
-            }
+        if self.spool.sync_due()
+            && let Err(e) = self.spool.sync()
+        {
+            tracing::error!("{e}");
         }
         if let Err(e) = self.spool.persist_ack_if_due() {
             tracing::error!("{e}");
