@@ -345,7 +345,8 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// `embedded` (an in-process broker on `embedded_bind:embedded_port`) or `mqtt://host:port`.
+    /// `embedded` (an in-process broker on `embedded_bind:embedded_port`), `mqtt://host:port` (plain TCP,
+    /// default port 1883) or `mqtts://host:port` (TLS, default port 8883; needs `[mqtt.tls]`).
     pub broker: String,
     /// Address the embedded broker listens on.
     pub embedded_bind: String,
@@ -357,14 +358,47 @@ pub struct MqttConfig {
     pub client_id: Option<String>,
     /// Keep-alive interval in seconds.
     pub keep_alive_s: u64,
-    /// QoS of emotion messages (0, 1 or 2). Status messages use 1 and are retained.
+    /// QoS of emotion messages (0, 1 or 2). Status messages use 1 and are retained. With 0 a message leaves the
+    /// spool once written to the socket, without an acknowledgement.
     pub qos: u8,
+    /// User name for the broker, if it asks for one.
     pub username: Option<String>,
+    /// Its password; never printed (`Debug` shows `***`). Prefer `EMOTIOND__MQTT__PASSWORD` from a secret store.
     pub password: Option<Secret>,
     /// Publish a message for frames without faces too.
     pub publish_empty: bool,
-    /// Messages waiting for the MQTT client; beyond this, new ones are dropped and counted.
+    /// Results waiting between the cameras and the publisher (which writes them to the spool); beyond this, new
+    /// ones are dropped and counted.
     pub queue: usize,
+    /// Directory of the on-disk spool (emotion messages are written here first and leave once the broker has
+    /// acknowledged them). Unset: `$STATE_DIRECTORY/spool` under systemd (`StateDirectory=`), else
+    /// `.cache/emotiond/spool` relative to the working directory. The spool itself lives in a subdirectory named
+    /// after the client id.
+    pub spool_dir: Option<PathBuf>,
+    /// Upper bound of the spool on disk in bytes; when full, the oldest messages are dropped and counted.
+    pub spool_max_bytes: u64,
+    /// fsync the spool at most this often (milliseconds); 0 = after every batch. Data written is already safe
+    /// from a crash of the daemon itself; this bounds what a power cut can take.
+    pub spool_fsync_ms: u64,
+    /// Emotion messages sent but not yet acknowledged, at most (the in-flight window).
+    pub inflight: u16,
+    /// TLS for `mqtts://` brokers.
+    pub tls: Option<MqttTlsConfig>,
+}
+
+/// `[mqtt.tls]`: how the broker's certificate is checked and how we prove who we are.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTlsConfig {
+    /// PEM file with the CA certificate(s) that signed the broker's certificate (for a public CA:
+    /// `/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_file: PathBuf,
+    /// PEM client certificate (chain) for mutual TLS; needs `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -381,6 +415,11 @@ impl Default for MqttConfig {
             password: None,
             publish_empty: false,
             queue: 256,
+            spool_dir: None,
+            spool_max_bytes: 64 << 20,
+            spool_fsync_ms: 1000,
+            inflight: 32,
+            tls: None,
         }
     }
 }
@@ -403,16 +442,24 @@ impl MqttConfig {
                 port: self.embedded_port,
             });
         }
-        let rest = self
+        let (rest, default_port) = if let Some(r) = self
             .broker
             .strip_prefix("mqtt://")
             .or_else(|| self.broker.strip_prefix("tcp://"))
-            .ok_or_else(|| {
-                format!(
-                    "mqtt.broker {:?}: expected `embedded` or mqtt://host:port",
-                    self.broker
-                )
-            })?;
+        {
+            (r, 1883)
+        } else if let Some(r) = self
+            .broker
+            .strip_prefix("mqtts://")
+            .or_else(|| self.broker.strip_prefix("ssl://"))
+        {
+            (r, 8883)
+        } else {
+            return Err(format!(
+                "mqtt.broker {:?}: expected `embedded`, mqtt://host:port or mqtts://host:port",
+                self.broker
+            ));
+        };
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => {
                 let port: u16 = p.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -423,7 +470,7 @@ impl MqttConfig {
                 })?;
                 (h.to_owned(), port)
             }
-            None => (rest.to_owned(), 1883),
+            None => (rest.to_owned(), default_port),
         };
         if host.is_empty() || host.contains('/') {
             return Err(format!(
@@ -432,6 +479,107 @@ impl MqttConfig {
             ));
         }
         Ok(BrokerAddr::External { host, port })
+    }
+
+    /// Whether the broker URL asks for TLS (`mqtts://` or `ssl://`).
+    pub fn uses_tls(&self) -> bool {
+        self.broker.starts_with("mqtts://") || self.broker.starts_with("ssl://")
+    }
+
+    /// The MQTT client id: `client_id`, else `emotiond-<node>`.
+    pub fn client_id_for(&self, node: &str) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("emotiond-{node}"))
+    }
+
+    /// The spool directory for `client_id`: `<spool_dir>/<client_id>`, with `spool_dir` defaulting to
+    /// `$STATE_DIRECTORY/spool` (systemd) or `.cache/emotiond/spool`.
+    pub fn spool_path(&self, client_id: &str) -> PathBuf {
+        let base = match &self.spool_dir {
+            Some(d) => d.clone(),
+            None => match std::env::var_os("STATE_DIRECTORY") {
+                // systemd may pass several directories separated by `:`; the first is ours.
+                Some(s) if !s.is_empty() => {
+                    let s = s.to_string_lossy();
+                    PathBuf::from(s.split(':').next().unwrap_or_default()).join("spool")
+                }
+                _ => PathBuf::from(".cache/emotiond/spool"),
+            },
+        };
+        let name: String = client_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        base.join(name)
+    }
+
+    /// Every problem with the MQTT settings, for [`Config::validate`].
+    fn problems(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        if self.spool_max_bytes < 64 << 10 {
+            errs.push(format!(
+                "mqtt.spool_max_bytes = {}: must be at least 65536 (64 KiB)",
+                self.spool_max_bytes
+            ));
+        }
+        if self.inflight == 0 || self.inflight > 1000 {
+            errs.push(format!(
+                "mqtt.inflight = {}: must be 1..=1000",
+                self.inflight
+            ));
+        }
+        if self.spool_fsync_ms > 60_000 {
+            errs.push(format!(
+                "mqtt.spool_fsync_ms = {}: at most 60000 (a minute of data at risk on power loss)",
+                self.spool_fsync_ms
+            ));
+        }
+        match (&self.tls, self.uses_tls()) {
+            (None, true) => errs.push(format!(
+                "mqtt.broker {:?} uses TLS but [mqtt.tls] is missing: set mqtt.tls.ca_file to the CA that signed \
+                 the broker's certificate (/etc/ssl/certs/ca-certificates.crt for a public CA)",
+                self.broker
+            )),
+            (Some(_), false) => errs.push(format!(
+                "[mqtt.tls] is set but mqtt.broker {:?} is not a TLS URL: use mqtts://host:port (emotiond never \
+                 falls back to plaintext)",
+                self.broker
+            )),
+            _ => {}
+        }
+        if let Some(tls) = &self.tls {
+            if !tls.ca_file.is_file() {
+                errs.push(format!(
+                    "mqtt.tls.ca_file: {} does not exist",
+                    tls.ca_file.display()
+                ));
+            }
+            match (&tls.client_cert, &tls.client_key) {
+                (Some(_), None) | (None, Some(_)) => errs.push(
+                    "mqtt.tls.client_cert and mqtt.tls.client_key go together: set both for mutual TLS, or neither"
+                        .into(),
+                ),
+                _ => {}
+            }
+            for (key, path) in [
+                ("mqtt.tls.client_cert", &tls.client_cert),
+                ("mqtt.tls.client_key", &tls.client_key),
+            ] {
+                if let Some(p) = path
+                    && !p.is_file()
+                {
+                    errs.push(format!("{key}: {} does not exist", p.display()));
+                }
+            }
+        }
+        errs
     }
 }
 
@@ -627,6 +775,7 @@ impl Config {
         if m.password.is_some() && m.username.is_none() {
             errs.push("mqtt.password is set but mqtt.username is not".into());
         }
+        errs.extend(m.problems());
         if errs.is_empty() {
             Ok(())
         } else {
@@ -708,6 +857,89 @@ mod tests {
         );
         m.broker = "http://x".into();
         assert!(m.addr().is_err());
+    }
+
+    #[test]
+    fn tls_broker_urls_and_checks() {
+        let mut m = MqttConfig {
+            broker: "mqtts://broker.local".into(),
+            ..MqttConfig::default()
+        };
+        assert!(m.uses_tls());
+        assert_eq!(
+            m.addr(),
+            Ok(BrokerAddr::External {
+                host: "broker.local".into(),
+                port: 8883
+            })
+        );
+        // TLS URL without [mqtt.tls]: refused, with the key to set.
+        let p = m.problems().join("\n");
+        assert!(p.contains("mqtt.tls.ca_file"), "{p}");
+        // [mqtt.tls] with a plaintext URL: refused, never silently plaintext.
+        m.broker = "mqtt://broker.local".into();
+        m.tls = Some(MqttTlsConfig {
+            ca_file: "/nonexistent/ca.pem".into(),
+            client_cert: Some("/nonexistent/c.pem".into()),
+            client_key: None,
+        });
+        let p = m.problems().join("\n");
+        for needle in [
+            "plaintext",
+            "/nonexistent/ca.pem",
+            "go together",
+            "/nonexistent/c.pem",
+        ] {
+            assert!(p.contains(needle), "missing {needle} in {p}");
+        }
+        m.tls = None;
+        m.spool_max_bytes = 10;
+        m.inflight = 0;
+        let p = m.problems().join("\n");
+        assert!(
+            p.contains("spool_max_bytes") && p.contains("mqtt.inflight"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn tls_table_loads_from_toml() {
+        let c = load_str(
+            "[mqtt]\nbroker = \"mqtts://b:1\"\n[mqtt.tls]\nca_file = \"/ca.pem\"\nclient_cert = \"/c.pem\"\nclient_key = \"/k.pem\"\n",
+        )
+        .unwrap();
+        let tls = c.mqtt.tls.unwrap();
+        assert_eq!(tls.ca_file, PathBuf::from("/ca.pem"));
+        assert_eq!(tls.client_key, Some(PathBuf::from("/k.pem")));
+        let e = load_str("[mqtt.tls]\nca_fil = \"/ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ca_fil"), "{e}");
+    }
+
+    #[test]
+    fn spool_path_defaults() {
+        let m = MqttConfig {
+            spool_dir: Some("/var/spool/x".into()),
+            ..MqttConfig::default()
+        };
+        assert_eq!(
+            m.spool_path("emotiond-a/b"),
+            PathBuf::from("/var/spool/x/emotiond-a_b")
+        );
+        assert_eq!(m.client_id_for("kitchen"), "emotiond-kitchen");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_the_whole_config() {
+        let mut c = Config::default();
+        c.mqtt.username = Some("user".into());
+        c.mqtt.password = Some(Secret("hunter2-pw".into()));
+        let text = format!("{c:?} {c:#?}");
+        assert!(
+            !text.contains("hunter2-pw") && text.contains("***"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod detect;
 pub mod messages;
 pub mod publish;
 pub mod source;
+pub mod spool;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -85,6 +85,61 @@ impl Mosquitto {
     }
 }
 
+impl Mosquitto {
+    /// A mosquitto whose whole config file is `conf` (listeners included); waits until `port` accepts.
+    pub fn start_conf(port: u16, conf: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut m = Self {
+            child: Self::spawn(&dir.path().join("mosquitto.conf")),
+            port,
+            _dir: dir,
+        };
+        m.wait_listening();
+        m
+    }
+
+    fn spawn(conf: &Path) -> Child {
+        Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto")
+    }
+
+    fn wait_listening(&mut self) {
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(10)),
+            "mosquitto did not listen on {}",
+            self.port
+        );
+    }
+
+    /// Stops the broker the way `systemctl stop` does (SIGTERM) and waits until it has exited.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the broker again on the same port with the same config file.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self._dir.path().join("mosquitto.conf"));
+        self.wait_listening();
+    }
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -213,7 +268,16 @@ pub fn write_config(text: &str) -> TestConfig {
 
 /// `[mqtt]` for an external broker on `port`.
 pub fn mqtt_external(port: u16) -> String {
-    format!("[node]\nid = \"testnode\"\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nqos = 1\n")
+    // Tests run daemons with the same node id side by side: each gets its own spool directory.
+    let spool = std::env::temp_dir().join(format!(
+        "emotiond-test-spool-{}-{port}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    format!(
+        "[node]\nid = \"testnode\"\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\nqos = 1\nspool_dir = \"{}\"\n",
+        spool.display()
+    )
 }
 
 /// A camera table.
@@ -244,6 +308,29 @@ impl Daemon {
                 "EMOTIOND__METRICS__LISTEN",
                 format!("127.0.0.1:{}", free_port()),
             )
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start emotiond");
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Self {
+            child,
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables (e.g. `RUST_LOG`, `EMOTIOND__…` overrides).
+    pub fn start_env(config: &Path, envs: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
