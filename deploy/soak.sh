@@ -10,7 +10,8 @@ interval="${3:-60}"
 out="${SOAK_CSV:-soak-$(date +%Y%m%d-%H%M%S).csv}"
 port="${SOAK_PORT:-18833}"
 
-EMOTIOND__MQTT__EMBEDDED_PORT="$port" EMOTIOND__METRICS__LISTEN="127.0.0.1:0" "$bin" run 2>soak-daemon.log &
+log="${out%.csv}.log"
+EMOTIOND__MQTT__EMBEDDED_PORT="$port" EMOTIOND__METRICS__LISTEN="127.0.0.1:0" "$bin" run 2>"$log" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 sleep 5
@@ -18,7 +19,7 @@ echo "elapsed_s,rss_kib,cpu_ticks,threads" > "$out"
 start=$(date +%s)
 while :; do
   now=$(date +%s); elapsed=$((now - start))
-  kill -0 "$pid" 2>/dev/null || { echo "emotiond exited early; see soak-daemon.log" >&2; exit 1; }
+  kill -0 "$pid" 2>/dev/null || { echo "emotiond exited early; see $log" >&2; exit 1; }
   rss=$(awk '/^VmRSS:/ {print $2}' /proc/$pid/status)
   threads=$(awk '/^Threads:/ {print $2}' /proc/$pid/status)
   cpu=$(awk '{print $14 + $15}' /proc/$pid/stat)

@@ -165,18 +165,23 @@ impl Source {
         let bus = self.pipeline.bus()?;
         while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
             if let gst::MessageView::Error(err) = msg.view() {
-                return Some(SourceError::Stream {
-                    camera: self.camera.clone(),
-                    element: err
-                        .src()
-                        .map(|s| s.name().to_string())
-                        .unwrap_or_else(|| "pipeline".into()),
-                    message: err.error().to_string(),
-                    debug: err.debug().map(|d| d.to_string()),
-                });
+                return Some(self.stream_error(err));
             }
         }
         None
+    }
+
+    /// A bus error as our error, naming the camera and the element that failed.
+    fn stream_error(&self, err: &gst::message::Error) -> SourceError {
+        SourceError::Stream {
+            camera: self.camera.clone(),
+            element: err
+                .src()
+                .map(|s| s.name().to_string())
+                .unwrap_or_else(|| "pipeline".into()),
+            message: err.error().to_string(),
+            debug: err.debug().map(|d| d.to_string()),
+        }
     }
 
     /// Waits up to `poll` for the next frame.
@@ -187,17 +192,7 @@ impl Source {
                 bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Eos])
             {
                 match msg.view() {
-                    gst::MessageView::Error(err) => {
-                        return Err(SourceError::Stream {
-                            camera: self.camera.clone(),
-                            element: err
-                                .src()
-                                .map(|s| s.name().to_string())
-                                .unwrap_or_else(|| "pipeline".into()),
-                            message: err.error().to_string(),
-                            debug: err.debug().map(|d| d.to_string()),
-                        });
-                    }
+                    gst::MessageView::Error(err) => return Err(self.stream_error(err)),
                     gst::MessageView::Eos(_) => return self.end_of_stream(),
                     _ => {}
                 }
