@@ -419,7 +419,8 @@ pub fn check_message(r: &FrameResult) {
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out
