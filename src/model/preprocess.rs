@@ -114,24 +114,9 @@ pub fn normalize_into(spec: &ModelSpec, pixels: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::spec::OutputKind;
 
     fn spec(color: Color, layout: Layout, size: u32) -> ModelSpec {
-        ModelSpec {
-            labels: crate::model::FER_LABELS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            input_size: size,
-            layout,
-            color,
-            mean: vec![0.5],
-            std: vec![0.5],
-            output: None,
-            output_kind: OutputKind::Probabilities,
-            crop_margin: None,
-            extra: Default::default(),
-        }
+        ModelSpec::fer(size, layout, color, vec![0.5], vec![0.5])
     }
 
     #[test]

@@ -131,6 +131,29 @@ impl fmt::Display for Color {
 }
 
 impl ModelSpec {
+    /// A contract for the seven FER-2013 classes in their canonical order, reading the default output as
+    /// probabilities, with no crop margin and no extra metadata; callers override fields as needed.
+    pub fn fer(
+        input_size: u32,
+        layout: Layout,
+        color: Color,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+    ) -> Self {
+        Self {
+            labels: super::FER_LABELS.iter().map(|s| s.to_string()).collect(),
+            input_size,
+            layout,
+            color,
+            mean,
+            std,
+            output: None,
+            output_kind: OutputKind::Probabilities,
+            crop_margin: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
     /// The sidecar path for a model file: `model.onnx` → `model.onnx.json`.
     pub fn sidecar_path(model: &Path) -> PathBuf {
         let mut s = model.as_os_str().to_owned();

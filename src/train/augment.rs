@@ -143,24 +143,10 @@ pub fn augmented_input(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Color, Layout, OutputKind};
+    use crate::model::{Color, Layout};
 
     fn spec(size: u32) -> ModelSpec {
-        ModelSpec {
-            labels: crate::model::FER_LABELS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            input_size: size,
-            layout: Layout::Nchw,
-            color: Color::Gray3,
-            mean: vec![0.5],
-            std: vec![0.25],
-            output: None,
-            output_kind: OutputKind::Probabilities,
-            crop_margin: None,
-            extra: Default::default(),
-        }
+        ModelSpec::fer(size, Layout::Nchw, Color::Gray3, vec![0.5], vec![0.25])
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! split after every epoch, early stopping on validation macro-F1, checkpoints for `--resume`, then export and
 //! the held-out evaluation through the daemon's ort path.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -15,9 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{EpochLog, EvalReport, Metrics};
-use crate::model::{
-    Classifier, ClassifierOptions, Color, FER_LABELS, Layout, ModelSpec, OutputKind,
-};
+use crate::model::{Classifier, ClassifierOptions, Color, Layout, ModelSpec};
 
 use super::augment::{Augment, augmented_input, plain_input};
 use super::data::{self, DataFormat, K, LoadOptions, Sample};
@@ -176,18 +173,17 @@ pub struct TrainSummary {
 /// The serving contract of the models we train.
 pub fn model_spec(input_size: u32, crop_margin: Option<f32>) -> ModelSpec {
     ModelSpec {
-        labels: FER_LABELS.iter().map(|s| s.to_string()).collect(),
-        input_size,
-        layout: Layout::Nchw,
+        output: Some("probabilities".into()),
+        crop_margin,
         // Grey faces replicated to 3 channels: the ImageNet stems apply unchanged and the daemon converts BGR
         // frames with the same grey conversion as the training images went through.
-        color: Color::Gray3,
-        mean: MEAN.to_vec(),
-        std: STD.to_vec(),
-        output: Some("probabilities".into()),
-        output_kind: OutputKind::Probabilities,
-        crop_margin,
-        extra: BTreeMap::new(),
+        ..ModelSpec::fer(
+            input_size,
+            Layout::Nchw,
+            Color::Gray3,
+            MEAN.to_vec(),
+            STD.to_vec(),
+        )
     }
 }
 
