@@ -120,6 +120,7 @@ fn parity(
     onnx: &Path,
     size: usize,
     batches: &[usize],
+    tta_flip: bool,
 ) -> f32 {
     let (mut session, _) = build_session(onnx, &ClassifierOptions::default()).unwrap();
     let mut worst = 0.0f32;
@@ -131,7 +132,7 @@ fn parity(
                 (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
             })
             .collect();
-        let want = burn_logits(model, x.clone(), size);
+        let want = burn_logits(model, x.clone(), size, tta_flip);
         let t = ort::value::Tensor::from_array(([n, 3, size, size], x)).unwrap();
         let out = session.run(ort::inputs!["input" => t]).unwrap();
         let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
@@ -210,7 +211,7 @@ fn train_export_parity_eval_resume() {
         .try_load_file(out.join("best.bpk"))
         .unwrap()
         .valid();
-    let d = parity(&best, &onnx, 48, &[1, 5]);
+    let d = parity(&best, &onnx, 48, &[1, 5], false);
     eprintln!("parity max |Δ| = {d:e}");
     assert!(d <= 1e-4, "parity {d}");
 
@@ -269,8 +270,8 @@ fn train_export_parity_eval_resume() {
     eprintln!("total {:.1} s", t0.elapsed().as_secs_f64());
 }
 
-/// B0 (SE, SiLU) with the recipe head and Lite0 with the plain head: export after BN statistics moved, parity
-/// at two batch sizes and two input sizes.
+/// B0 (SE, SiLU) and Lite0 with the recipe head: export after BN statistics moved, parity at two batch sizes
+/// and two input sizes, with and without flip averaging built into the graph.
 #[test]
 fn export_parity_b0_and_lite0() {
     ort_library();
@@ -280,8 +281,10 @@ fn export_parity_b0_and_lite0() {
         let mut cfg = ModelConfig::new(arch, 7);
         cfg.plain_head = plain;
         let model = cfg.init(&dev);
-        // Two training-mode forwards move the running statistics away from (0, 1), so folding is exercised.
-        for _ in 0..2 {
+        // Training-mode forwards move the running statistics from (0, 1) to the activations' real statistics:
+        // folding is exercised, and the inference-mode network stays sensitive to its input (with the initial
+        // statistics the signal fades through the blocks and every input gives almost the same logits).
+        for _ in 0..30 {
             let x = burn::tensor::Tensor::<4>::random(
                 [4, 3, size, size],
                 burn::tensor::Distribution::Normal(0.3, 1.5),
@@ -290,10 +293,68 @@ fn export_parity_b0_and_lite0() {
             let _ = model.forward(x);
         }
         let model = model.valid();
-        let path: PathBuf = dir.path().join(format!("{arch:?}.onnx"));
-        export(&model, &model_spec(size as u32, None), &path).unwrap();
-        let d = parity(&model, &path, size, &[1, 3]);
-        eprintln!("{arch:?} {size}px parity max |Δ| = {d:e}");
-        assert!(d <= 1e-4, "{arch:?}: parity {d}");
+        for tta in [false, true] {
+            let path: PathBuf = dir.path().join(format!("{arch:?}-{tta}.onnx"));
+            export(&model, &model_spec(size as u32, None), tta, &path).unwrap();
+            let d = parity(&model, &path, size, &[1, 3], tta);
+            eprintln!("{arch:?} {size}px tta {tta}: parity max |Δ| = {d:e}");
+            assert!(d <= 1e-4, "{arch:?} tta {tta}: parity {d}");
+        }
+        // Flip averaging really averages: a mirrored input gives the same logits, the plain export does not.
+        let tta: PathBuf = dir.path().join(format!("{arch:?}-true.onnx"));
+        let (mut session, _) = build_session(&tta, &ClassifierOptions::default()).unwrap();
+        let loaded = Classifier::load(&tta, &ClassifierOptions::default()).unwrap();
+        assert_eq!(
+            loaded.spec().extra.get("emotiond.tta").map(String::as_str),
+            Some("hflip")
+        );
+        // Bright left third, dark elsewhere, plus a vertical ramp: nothing like its own mirror image.
+        let img: Vec<f32> = (0..3 * size * size)
+            .map(|i| {
+                let (x, y) = (i % size, (i / size) % size);
+                if x < size / 3 {
+                    2.5
+                } else {
+                    -1.5 + 3.0 * y as f32 / size as f32
+                }
+            })
+            .collect();
+        let mirrored: Vec<f32> = img
+            .chunks(size)
+            .flat_map(|row| row.iter().rev().copied().collect::<Vec<_>>())
+            .collect();
+        let mut run = |x: Vec<f32>| {
+            let t = ort::value::Tensor::from_array(([1usize, 3, size, size], x)).unwrap();
+            let out = session.run(ort::inputs!["input" => t]).unwrap();
+            out["logits"]
+                .try_extract_tensor::<f32>()
+                .unwrap()
+                .1
+                .to_vec()
+        };
+        let (a, b) = (run(img.clone()), run(mirrored.clone()));
+        let sym = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            sym <= 1e-4,
+            "{arch:?}: flip-averaged logits differ on a mirrored input by {sym}"
+        );
+        let plain = burn_logits(&model, img, size, false);
+        let plain_m = burn_logits(&model, mirrored, size, false);
+        let asym = plain
+            .iter()
+            .zip(&plain_m)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        eprintln!(
+            "{arch:?}: mirrored input moves plain logits by {asym:e}, flip-averaged by {sym:e}"
+        );
+        assert!(
+            asym > 1e-6 && asym > 100.0 * sym,
+            "{arch:?}: the test cannot tell ({asym} vs {sym})"
+        );
     }
 }

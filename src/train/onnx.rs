@@ -5,6 +5,10 @@
 //! Batch norms are folded into the preceding convolution / linear layer, dropout and stochastic depth vanish
 //! (inference), SiLU is `x·sigmoid(x)`, ReLU6 is `Clip(0, 6)`.
 //!
+//! With test-time flip averaging the graph runs each image and its mirror image as one batch of `2·batch`
+//! (`Concat(input, Slice(input, W reversed))`) and averages the two halves' logits before the softmax, so
+//! callers see the same inputs and outputs, at twice the compute.
+//!
 //! The message structs below are the subset of `onnx.proto` (ONNX 1.x, field numbers unchanged since IR v3)
 //! we write, hand-written with `prost` derives so the build needs no `protoc`.
 
@@ -150,6 +154,7 @@ pub struct Dimension {
 }
 
 const FLOAT: i32 = 1;
+const INT64: i32 = 7;
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
@@ -229,6 +234,17 @@ impl Builder {
             data_type: FLOAT,
             name: name.clone(),
             raw_data: raw,
+        });
+        name
+    }
+
+    fn constant_i64(&mut self, hint: &str, values: &[i64]) -> String {
+        let name = self.fresh(hint);
+        self.init.push(TensorProto {
+            dims: vec![values.len() as i64],
+            data_type: INT64,
+            name: name.clone(),
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         });
         name
     }
@@ -383,18 +399,34 @@ fn bn_affine(bn: &BatchNorm) -> (Vec<f32>, Vec<f32>) {
     (scale, shift)
 }
 
-/// Serialises the model to ONNX bytes.
+/// Serialises the model to ONNX bytes; `tta_flip` builds horizontal-flip averaging into the graph.
 pub fn to_onnx(
     model: &EfficientNet,
     input_size: usize,
     metadata: &BTreeMap<String, String>,
+    tta_flip: bool,
 ) -> Vec<u8> {
     let mut g = Builder {
         nodes: Vec::new(),
         init: Vec::new(),
         n: 0,
     };
-    let mut x = g.conv_bn(INPUT, &model.stem);
+    let mut x = INPUT.to_owned();
+    if tta_flip {
+        // W reversed: start at the last column, step −1 down to before the first (INT64_MIN = "past the start").
+        let starts = g.constant_i64("flip_starts", &[-1]);
+        let ends = g.constant_i64("flip_ends", &[i64::MIN]);
+        let axes = g.constant_i64("flip_axes", &[3]);
+        let steps = g.constant_i64("flip_steps", &[-1]);
+        let mirrored = g.node(
+            "Slice",
+            &[INPUT, &starts, &ends, &axes, &steps],
+            vec![],
+            None,
+        );
+        x = g.node("Concat", &[INPUT, &mirrored], vec![int("axis", 0)], None);
+    }
+    x = g.conv_bn(&x, &model.stem);
     x = g.act(&x, model.relu6);
     for b in &model.blocks {
         x = g.block(&x, b);
@@ -403,20 +435,32 @@ pub fn to_onnx(
     x = g.act(&x, model.relu6);
     x = g.node("GlobalAveragePool", &[&x], vec![], None);
     x = g.node("Flatten", &[&x], vec![int("axis", 1)], None);
-    let logits = match (&model.head_bn, &model.fc2) {
+    let k = model.classes() as i64;
+    let final_name = (!tta_flip).then_some("logits");
+    let mut logits = match (&model.head_bn, &model.fc2) {
         (Some(bn), Some(fc2)) => {
             let h = g.linear(&x, &model.fc1, Some(bn), None);
-            g.linear(&h, fc2, None, Some("logits"))
+            g.linear(&h, fc2, None, final_name)
         }
-        _ => g.linear(&x, &model.fc1, None, Some("logits")),
+        _ => g.linear(&x, &model.fc1, None, final_name),
     };
+    if tta_flip {
+        // [2·batch, K] → [2, batch, K] (originals first, as concatenated) → mean over the pair.
+        let shape = g.constant_i64("pair_shape", &[2, -1, k]);
+        let pairs = g.node("Reshape", &[&logits, &shape], vec![], None);
+        logits = g.node(
+            "ReduceMean",
+            &[&pairs],
+            vec![ints("axes", &[0]), int("keepdims", 0)],
+            Some("logits"),
+        );
+    }
     g.node(
         "Softmax",
         &[&logits],
         vec![int("axis", -1)],
         Some("probabilities"),
     );
-    let k = model.classes() as i64;
     let s = input_size as i64;
     let graph = GraphProto {
         node: g.nodes,
@@ -453,9 +497,10 @@ pub fn write_onnx(
     model: &EfficientNet,
     input_size: usize,
     metadata: &BTreeMap<String, String>,
+    tta_flip: bool,
     path: &Path,
 ) -> std::io::Result<()> {
-    let bytes = to_onnx(model, input_size, metadata);
+    let bytes = to_onnx(model, input_size, metadata, tta_flip);
     let tmp = path.with_extension("onnx.tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)

@@ -146,6 +146,11 @@ pub struct TrainArgs {
     /// Hide progress bars (logs one line per epoch either way).
     #[arg(long)]
     pub quiet: bool,
+    /// Build test-time flip averaging into the exported graph: each face and its mirror image are classified
+    /// together and their logits averaged (twice the inference cost). Re-export a finished run with this and
+    /// `--resume`.
+    #[arg(long)]
+    pub tta_flip: bool,
 }
 
 /// Loop state saved with every checkpoint.
@@ -187,12 +192,22 @@ pub fn model_spec(input_size: u32, crop_margin: Option<f32>) -> ModelSpec {
     }
 }
 
-/// Inference-mode logits from burn for `n` preprocessed images (`NCHW`, 3 channels).
-pub fn burn_logits(model: &EfficientNet, inputs: Vec<f32>, size: usize) -> Vec<f32> {
+/// Inference-mode logits from burn for `n` preprocessed images (`NCHW`, 3 channels); with `tta_flip`, the
+/// mean of the image's and its mirror image's logits (what an export with `tta_flip` computes).
+pub fn burn_logits(
+    model: &EfficientNet,
+    inputs: Vec<f32>,
+    size: usize,
+    tta_flip: bool,
+) -> Vec<f32> {
     let n = inputs.len() / (3 * size * size);
     let x = Tensor::<4>::from_data(TensorData::new(inputs, [n, 3, size, size]), &device());
-    model
-        .forward(x)
+    let logits = if tta_flip {
+        (model.forward(x.clone()) + model.forward(x.flip([3]))) / 2.0
+    } else {
+        model.forward(x)
+    };
+    logits
         .into_data()
         .convert::<f32>()
         .try_to_vec::<f32>()
@@ -200,8 +215,17 @@ pub fn burn_logits(model: &EfficientNet, inputs: Vec<f32>, size: usize) -> Vec<f
 }
 
 /// Writes the ONNX file for an inference-mode model with `spec`'s metadata.
-pub fn export(model: &EfficientNet, spec: &ModelSpec, path: &Path) -> anyhow::Result<()> {
-    super::onnx::write_onnx(model, spec.input_size as usize, &spec.to_map(), path)
+pub fn export(
+    model: &EfficientNet,
+    spec: &ModelSpec,
+    tta_flip: bool,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let mut meta = spec.to_map();
+    if tta_flip {
+        meta.insert("emotiond.tta".into(), "hflip".into());
+    }
+    super::onnx::write_onnx(model, spec.input_size as usize, &meta, tta_flip, path)
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -617,7 +641,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     spec.extra
         .insert("emotiond.best_epoch".into(), state.best_epoch.to_string());
     let onnx_path = out.join("model.onnx");
-    export(&best, &spec, &onnx_path)?;
+    export(&best, &spec, args.tta_flip, &onnx_path)?;
     eprintln!("Exported {}.", onnx_path.display());
 
     // ---- held-out evaluation through the daemon's path
@@ -727,7 +751,7 @@ fn validate(
         for s in chunk {
             plain_input(s, spec, &mut x).with_context(|| format!("preprocessing {}", s.source))?;
         }
-        let logits = burn_logits(model, x, size);
+        let logits = burn_logits(model, x, size, false);
         let t: Vec<f32> = chunk.iter().flat_map(|s| s.target).collect();
         let lt =
             Tensor::<2>::from_data(TensorData::new(logits.clone(), [chunk.len(), K]), &device());
