@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= $(shell command -v cargo 2>/dev/null || echo $(HOME)/.cargo/bin/cargo)
 
-.PHONY: run test deps build validate bench clean
+.PHONY: run test deps build validate bench clean model
 
 deps:
 	deploy/install-deps.sh
@@ -28,6 +28,13 @@ bench: build
 
 clean:
 	$(CARGO) clean
+
+# The shipped emotion model, reproduced end to end (models/README.md; about 1.5 h on 2 cores, resumable):
+#   make model FER2013=/path/to/fer2013.tar.gz     (Kaggle layout: train/<class>/, test/<class>/ = PublicTest)
+FER2013 ?= data/fer2013.tar.gz
+MODEL_RUN ?= runs/fer2013-lite0-focal-64
+model: build
+	deploy/train-model.sh target/release/emotiond "$(FER2013)" "$(MODEL_RUN)"
 
 # Debian package of a release build: target/debian/emotiond_<version>-1_<arch>.deb (docs/deploy.md).
 .PHONY: deb

