@@ -230,7 +230,53 @@ fn train_export_parity_eval_resume() {
         assert!(eval_out.join(f).is_file(), "{f} missing");
     }
 
-    // 5. --resume continues after epoch 4 (the first four epochs are kept, one more runs).
+    // 5. `--init` fine-tunes the export: after one step at a negligible learning rate the new run's export
+    //    classifies the held-out part like the source did. A model `emotiond train` did not write is refused.
+    let tuned = dir.path().join("tuned");
+    let init = onnx.to_str().unwrap();
+    let mut a = args(
+        &data,
+        &tuned,
+        &[
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "1",
+            "--init",
+            init,
+        ],
+    );
+    a.lr = 1e-9;
+    let t = emotiond::train::train(&a).unwrap();
+    let after = t
+        .test
+        .as_ref()
+        .expect("held-out evaluation")
+        .metrics
+        .accuracy;
+    eprintln!(
+        "--init: held-out accuracy {after:.3} (source {:.3})",
+        test.metrics.accuracy
+    );
+    assert!(
+        (after - test.metrics.accuracy).abs() <= 3.0 / 56.0,
+        "--init changed the model: {after} vs {}",
+        test.metrics.accuracy
+    );
+    let foreign = args(
+        &data,
+        &dir.path().join("foreign"),
+        &[
+            "--epochs",
+            "1",
+            "--init",
+            "models/fer2013_mini_xception_64.onnx",
+        ],
+    );
+    let e = emotiond::train::train(&foreign).unwrap_err().to_string();
+    assert!(e.contains("--init") && e.contains("emotiond train"), "{e}");
+
+    // 6. --resume continues after epoch 4 (the first four epochs are kept, one more runs).
     let resumed = emotiond::train::train(&args(
         &data,
         &out,
@@ -340,5 +386,100 @@ fn export_parity_b0_and_lite0() {
             asym > 1e-6 && asym > 100.0 * sym,
             "{arch:?}: the test cannot tell ({asym} vs {sym})"
         );
+    }
+}
+
+/// `train --init`: an exported model's weights load back into burn (batch norms folded away and restored as
+/// identities), compute what the file computes, keep doing so after the batch norms are re-estimated, and
+/// after re-estimation a training-mode forward (batch statistics) agrees with inference. A file of another
+/// architecture is refused by name.
+#[test]
+fn init_from_export_round_trips() {
+    use burn::tensor::{Distribution, Tensor, TensorData};
+    use emotiond::train::onnx::{load_weights, to_onnx};
+    for (arch, size) in [(Arch::Lite0, 48), (Arch::B0, 48)] {
+        let dev = device().autodiff();
+        let mut cfg = ModelConfig::new(arch, 7);
+        // Deterministic training-mode forward for the last check.
+        (cfg.dropout, cfg.drop_path) = (0.0, 0.0);
+        let trained = cfg.init(&dev);
+        for _ in 0..30 {
+            let x = Tensor::<4>::random([4, 3, size, size], Distribution::Normal(0.3, 1.5), &dev);
+            let _ = trained.forward(x);
+        }
+        let trained = trained.valid();
+        let mut meta = model_spec(size as u32, None).to_map();
+        meta.insert("emotiond.architecture".into(), arch.name().into());
+        let bytes = to_onnx(&trained, size, &meta, false);
+
+        let mut imported = cfg.init(&dev);
+        let n = load_weights(&mut imported, &bytes, &meta, &dev).unwrap();
+        let convs = if arch == Arch::B0 { 49 + 2 * 16 } else { 49 };
+        assert_eq!(
+            n,
+            2 * (convs + 2),
+            "{arch:?}: weight + bias per conv and linear"
+        );
+
+        let calib: Vec<f32> = (0..64 * 3 * size * size)
+            .map(|i| ((i * 7919 % 1000) as f32 / 250.0 - 2.0) * 0.8 + 0.3)
+            .collect();
+        let probe: Vec<f32> = calib[..3 * 3 * size * size].iter().rev().copied().collect();
+        let want = burn_logits(&trained, probe.clone(), size, false);
+        let close = |got: &[f32], what: &str, tol: f32| {
+            let d = want
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            eprintln!("{arch:?} {what}: max |Δ| = {d:e}");
+            assert!(d <= tol, "{arch:?} {what}: {d}");
+        };
+        close(
+            &burn_logits(&imported.clone().valid(), probe.clone(), size, false),
+            "imported",
+            1e-4,
+        );
+        let x = Tensor::<4>::from_data(TensorData::new(calib.clone(), [64, 3, size, size]), &dev);
+        imported.recalibrate_bn(x.clone());
+        close(
+            &burn_logits(&imported.clone().valid(), probe, size, false),
+            "re-estimated",
+            1e-4,
+        );
+        // Training mode normalises with the batch's own statistics: on the calibration batch they are the
+        // re-estimated ones, so the logits match inference (the spread of the logits is the scale).
+        let infer = burn_logits(&imported.clone().valid(), calib, size, false);
+        let train_mode: Vec<f32> = imported
+            .forward(x)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let spread = infer.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = infer
+            .iter()
+            .zip(&train_mode)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        eprintln!(
+            "{arch:?} training mode vs inference on the calibration batch: {d:e} (logits up to {spread:e})"
+        );
+        assert!(
+            d <= 1e-3 * spread.max(1.0),
+            "{arch:?}: training-mode forward is off by {d}"
+        );
+
+        // Another architecture is refused, naming the key.
+        let other = if arch == Arch::B0 {
+            Arch::Lite0
+        } else {
+            Arch::B0
+        };
+        let mut m = ModelConfig::new(other, 7).init(&dev);
+        let mut want_meta = meta.clone();
+        want_meta.insert("emotiond.architecture".into(), other.name().into());
+        let err = load_weights(&mut m, &bytes, &want_meta, &dev).unwrap_err();
+        assert!(err.contains("emotiond.architecture"), "{err}");
     }
 }

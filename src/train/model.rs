@@ -155,6 +155,44 @@ impl ConvBn {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.bn.forward(self.conv.forward(x))
     }
+
+    fn recalibrate(&mut self, x: Tensor<4>) -> Tensor<4> {
+        recalibrate_bn(&mut self.bn, self.conv.forward(x))
+    }
+}
+
+/// Re-parametrises `bn` around the batch statistics `(m, v)` of its input `z` without changing its inference
+/// function `y = s·z + t`: `γ' = s·√(v+ε)`, `β' = s·m + t`, `μ' = m`, `σ²' = v`. Afterwards a training-mode
+/// forward on such a batch computes what inference does. Returns `y` (inference mode, detached).
+fn recalibrate_bn(bn: &mut BatchNorm, z: Tensor<4>) -> Tensor<4> {
+    use burn::module::{Param, RunningState};
+    use burn::tensor::TensorData;
+    let vec = |t: Tensor<1>| {
+        t.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 tensor data: this is a bug")
+    };
+    let device = z.device();
+    let z = z.detach();
+    let c = z.dims()[1];
+    let per_channel = |t: Tensor<4>| t.mean_dim(0).mean_dim(2).mean_dim(3).reshape([c]);
+    let m = vec(per_channel(z.clone()));
+    let centred = z.clone()
+        - Tensor::<1>::from_data(TensorData::new(m.clone(), [c]), &device).reshape([1, c, 1, 1]);
+    let v = vec(per_channel(centred.clone() * centred));
+    let eps = bn.epsilon as f32;
+    let (g, b) = (vec(bn.gamma.val()), vec(bn.beta.val()));
+    let (mu, var) = (vec(bn.running_mean.value()), vec(bn.running_var.value()));
+    let s: Vec<f32> = (0..c).map(|i| g[i] / (var[i] + eps).sqrt()).collect();
+    let t: Vec<f32> = (0..c).map(|i| b[i] - mu[i] * s[i]).collect();
+    let t1 = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [c]), &device);
+    let y = z * t1(s.clone()).reshape([1, c, 1, 1]) + t1(t.clone()).reshape([1, c, 1, 1]);
+    bn.gamma = Param::from_tensor(t1((0..c).map(|i| s[i] * (v[i] + eps).sqrt()).collect()));
+    bn.beta = Param::from_tensor(t1((0..c).map(|i| s[i] * m[i] + t[i]).collect()));
+    bn.running_mean = RunningState::new(t1(m));
+    bn.running_var = RunningState::new(t1(v));
+    y
 }
 
 /// Squeeze-and-excitation (B0 only): global pool → 1×1 conv → SiLU → 1×1 conv → sigmoid gate.
@@ -242,6 +280,19 @@ impl MbConv {
         }
         x + input
     }
+
+    fn recalibrate(&mut self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = input.clone();
+        if let Some(e) = &mut self.expand {
+            x = act(e.recalibrate(x), self.relu6);
+        }
+        x = act(self.depthwise.recalibrate(x), self.relu6);
+        if let Some(se) = &self.se {
+            x = se.forward(x).detach();
+        }
+        x = self.project.recalibrate(x);
+        if self.residual { x + input } else { x }
+    }
 }
 
 pub(crate) fn act(x: Tensor<4>, relu6: bool) -> Tensor<4> {
@@ -286,6 +337,25 @@ impl EfficientNet {
                 fc2.forward(bn.forward(h))
             }
             _ => self.fc1.forward(self.dropout.forward(f)),
+        }
+    }
+
+    /// Re-parametrises every batch norm around the statistics its input has on `x` (real, preprocessed
+    /// images; a few hundred), leaving the inference-mode function unchanged. Needed after loading weights
+    /// whose batch norms were folded away ([`super::onnx::load_weights`]): training mode normalises with batch
+    /// statistics, and without this the first steps would see a different network.
+    pub fn recalibrate_bn(&mut self, x: Tensor<4>) {
+        let mut x = act(self.stem.recalibrate(x.detach()), self.relu6);
+        for b in &mut self.blocks {
+            x = b.recalibrate(x);
+        }
+        let x = act(self.head_conv.recalibrate(x), self.relu6);
+        if let Some(bn) = &mut self.head_bn {
+            let [n, c, _, _] = x.dims();
+            let f = x.mean_dim(2).mean_dim(3).reshape([n, c]);
+            let h = self.fc1.forward(f).detach();
+            let k = h.dims()[1];
+            recalibrate_bn(bn, h.reshape([n, k, 1, 1]));
         }
     }
 

@@ -505,3 +505,134 @@ pub fn write_onnx(
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
+
+/// Loads the weights of an ONNX file that [`to_onnx`] wrote for the same architecture and head into `model`,
+/// so a shipped model can be fine-tuned (`emotiond train --init`). The export folded every batch norm into the
+/// layer before it, so each batch norm comes back as the exact identity plus the folded bias (`γ = √(1+ε)`,
+/// `β = b'`, `μ = 0`, `σ² = 1`): the inference-mode model computes what the file computes. Call
+/// [`EfficientNet::recalibrate_bn`] on real images before training, so that batch statistics match again.
+/// Returns the number of tensors loaded.
+pub fn load_weights(
+    model: &mut EfficientNet,
+    bytes: &[u8],
+    expect: &BTreeMap<String, String>,
+    device: &burn::tensor::Device,
+) -> Result<usize, String> {
+    use burn::module::{Param, RunningState};
+    use burn::tensor::TensorData;
+
+    let proto = ModelProto::decode(bytes).map_err(|e| format!("not an ONNX model: {e}"))?;
+    let graph = proto.graph.ok_or("the file has no graph")?;
+    if proto.producer_name != "emotiond" {
+        return Err(format!(
+            "it was produced by `{}`, not by `emotiond train`; only models this tool exported can be \
+             fine-tuned",
+            proto.producer_name
+        ));
+    }
+    // The same architecture, head, input size and labels, or the tensors would not mean the same thing.
+    let meta: BTreeMap<&str, &str> = proto
+        .metadata_props
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    for (key, want) in expect {
+        let have = meta.get(key.as_str()).copied().unwrap_or("(missing)");
+        if have != want {
+            return Err(format!(
+                "its metadata `{key}` is `{have}`, this run trains `{want}`; pass the matching \
+                 --arch / --input-size / head"
+            ));
+        }
+    }
+    // Weights and biases in the order the export visited the layers (constants of other ops are skipped).
+    let mut tensors = graph.initializer.into_iter().filter(|t| {
+        ["w_", "b_", "fc_w_", "fc_b_"]
+            .iter()
+            .any(|p| t.name.starts_with(p))
+    });
+    let mut loaded = 0usize;
+    let mut next = |want: &[usize]| -> Result<Vec<f32>, String> {
+        let t = tensors
+            .next()
+            .ok_or("the file has fewer layers than the chosen architecture")?;
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        if dims != want
+            || t.data_type != FLOAT
+            || t.raw_data.len() != 4 * want.iter().product::<usize>()
+        {
+            return Err(format!(
+                "tensor `{}` has shape {dims:?}, the chosen architecture expects {want:?}",
+                t.name
+            ));
+        }
+        loaded += 1;
+        Ok(t.raw_data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let t1 = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
+    let identity_bn = |bn: &mut BatchNorm, bias: Vec<f32>| {
+        let n = bias.len();
+        bn.gamma = Param::from_tensor(t1(vec![(1.0 + bn.epsilon as f32).sqrt(); n]));
+        bn.beta = Param::from_tensor(t1(bias));
+        bn.running_mean = RunningState::new(t1(vec![0.0; n]));
+        bn.running_var = RunningState::new(t1(vec![1.0; n]));
+    };
+    let load_conv = |conv: &mut Conv2d,
+                     bn: Option<&mut BatchNorm>,
+                     next: &mut dyn FnMut(&[usize]) -> Result<Vec<f32>, String>|
+     -> Result<(), String> {
+        let dims = conv.weight.dims();
+        let w = next(&dims)?;
+        let b = next(&[dims[0]])?;
+        conv.weight = Param::from_tensor(Tensor::<4>::from_data(TensorData::new(w, dims), device));
+        match bn {
+            Some(bn) => identity_bn(bn, b),
+            None => conv.bias = Some(Param::from_tensor(t1(b))),
+        }
+        Ok(())
+    };
+    load_conv(&mut model.stem.conv, Some(&mut model.stem.bn), &mut next)?;
+    for b in &mut model.blocks {
+        if let Some(e) = &mut b.expand {
+            load_conv(&mut e.conv, Some(&mut e.bn), &mut next)?;
+        }
+        load_conv(&mut b.depthwise.conv, Some(&mut b.depthwise.bn), &mut next)?;
+        if let Some(se) = &mut b.se {
+            load_conv(&mut se.reduce, None, &mut next)?;
+            load_conv(&mut se.expand, None, &mut next)?;
+        }
+        load_conv(&mut b.project.conv, Some(&mut b.project.bn), &mut next)?;
+    }
+    load_conv(
+        &mut model.head_conv.conv,
+        Some(&mut model.head_conv.bn),
+        &mut next,
+    )?;
+    let load_linear = |l: &mut Linear,
+                       next: &mut dyn FnMut(&[usize]) -> Result<Vec<f32>, String>|
+     -> Result<(), String> {
+        let dims = l.weight.dims();
+        let w = next(&dims)?;
+        let b = next(&[dims[1]])?;
+        l.weight = Param::from_tensor(Tensor::<2>::from_data(TensorData::new(w, dims), device));
+        l.bias = Some(Param::from_tensor(t1(b)));
+        Ok(())
+    };
+    load_linear(&mut model.fc1, &mut next)?;
+    if let (Some(bn), Some(fc2)) = (&mut model.head_bn, &mut model.fc2) {
+        let n = bn.gamma.dims()[0];
+        identity_bn(bn, vec![0.0; n]);
+        load_linear(fc2, &mut next)?;
+    }
+    drop(next);
+    if let Some(t) = tensors.next() {
+        return Err(format!(
+            "the file has more layers than the chosen architecture (`{}` is left over)",
+            t.name
+        ));
+    }
+    Ok(loaded)
+}

