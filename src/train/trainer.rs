@@ -462,15 +462,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     let total_steps = steps_per_epoch * args.epochs;
     spec.extra
         .insert("emotiond.architecture".into(), args.arch.name().into());
-    spec.extra.insert(
-        "emotiond.head".into(),
-        if args.plain_head {
-            "dropout-linear"
-        } else {
-            "linear64-dropout-bn-linear"
-        }
-        .into(),
-    );
+    spec.extra
+        .insert("emotiond.head".into(), head_name(args.plain_head).into());
     spec.extra.insert(
         "emotiond.dataset".into(),
         format!("{} ({} train images)", args.data.display(), train_set.len()),
@@ -706,7 +699,15 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     Ok(summary)
 }
 
-/// Builds one training batch: augmented inputs, (smoothed / mixed) targets, hard labels for accuracy.
+/// The `emotiond.head` metadata value.
+fn head_name(plain_head: bool) -> &'static str {
+    if plain_head {
+        "dropout-linear"
+    } else {
+        "linear64-dropout-bn-linear"
+    }
+}
+
 /// Images the batch norms of an `--init` model are re-estimated on.
 const CALIBRATION_IMAGES: usize = 512;
 
@@ -729,15 +730,7 @@ fn init_from_onnx(
             .filter_map(|k| map.get(*k).map(|v| (k.to_string(), v.clone())))
             .collect();
     expect.insert("emotiond.architecture".into(), args.arch.name().into());
-    expect.insert(
-        "emotiond.head".into(),
-        if args.plain_head {
-            "dropout-linear"
-        } else {
-            "linear64-dropout-bn-linear"
-        }
-        .into(),
-    );
+    expect.insert("emotiond.head".into(), head_name(args.plain_head).into());
     let n = super::onnx::load_weights(model, &bytes, &expect, dev)
         .map_err(|e| anyhow::anyhow!("--init {}: {e}", path.display()))?;
     let mut idx: Vec<usize> = (0..train_set.len()).collect();
@@ -756,6 +749,7 @@ fn init_from_onnx(
     Ok(n)
 }
 
+/// Builds one training batch: augmented inputs, (smoothed / mixed) targets, hard labels for accuracy.
 fn make_batch(
     set: &[Sample],
     idx: &[usize],
