@@ -132,6 +132,14 @@ fn parity(
     worst
 }
 
+/// Largest element-wise |a − b|.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 #[test]
 fn train_export_parity_eval_resume() {
     ort_library();
@@ -363,22 +371,14 @@ fn export_parity_b0_and_lite0() {
                 .to_vec()
         };
         let (a, b) = (run(img.clone()), run(mirrored.clone()));
-        let sym = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let sym = max_abs_diff(&a, &b);
         assert!(
             sym <= 1e-4,
             "{arch:?}: flip-averaged logits differ on a mirrored input by {sym}"
         );
         let plain = burn_logits(&model, img, size, false);
         let plain_m = burn_logits(&model, mirrored, size, false);
-        let asym = plain
-            .iter()
-            .zip(&plain_m)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let asym = max_abs_diff(&plain, &plain_m);
         eprintln!(
             "{arch:?}: mirrored input moves plain logits by {asym:e}, flip-averaged by {sym:e}"
         );
@@ -427,11 +427,7 @@ fn init_from_export_round_trips() {
         let probe: Vec<f32> = calib[..3 * 3 * size * size].iter().rev().copied().collect();
         let want = burn_logits(&trained, probe.clone(), size, false);
         let close = |got: &[f32], what: &str, tol: f32| {
-            let d = want
-                .iter()
-                .zip(got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let d = max_abs_diff(&want, got);
             eprintln!("{arch:?} {what}: max |Δ| = {d:e}");
             assert!(d <= tol, "{arch:?} {what}: {d}");
         };
@@ -457,11 +453,7 @@ fn init_from_export_round_trips() {
             .try_to_vec::<f32>()
             .unwrap();
         let spread = infer.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = infer
-            .iter()
-            .zip(&train_mode)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let d = max_abs_diff(&infer, &train_mode);
         eprintln!(
             "{arch:?} training mode vs inference on the calibration batch: {d:e} (logits up to {spread:e})"
         );
