@@ -239,7 +239,8 @@ fn train_export_parity_eval_resume() {
     }
 
     // 5. `--init` fine-tunes the export: after one step at a negligible learning rate the new run's export
-    //    classifies the held-out part like the source did. A model `emotiond train` did not write is refused.
+    //    classifies the held-out part like the source did. It also fine-tunes at another input size. A model
+    //    `emotiond train` did not write is refused.
     let tuned = dir.path().join("tuned");
     let init = onnx.to_str().unwrap();
     let mut a = args(
@@ -271,6 +272,31 @@ fn train_export_parity_eval_resume() {
         "--init changed the model: {after} vs {}",
         test.metrics.accuracy
     );
+    // The same weights fine-tuned at a higher resolution: the export declares the new input size, and the
+    // daemon's classifier serves it.
+    let mut up = args(
+        &data,
+        &dir.path().join("up"),
+        &[
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "1",
+            "--init",
+            init,
+        ],
+    );
+    up.input_size = 64;
+    up.no_final_eval = true;
+    // (Accuracy is not compared: these classes are ring frequencies, which a change of scale moves.)
+    emotiond::train::train(&up).unwrap();
+    let c = Classifier::load(
+        &dir.path().join("up/model.onnx"),
+        &ClassifierOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(c.spec().input_size, 64);
+    drop(c);
     let foreign = args(
         &data,
         &dir.path().join("foreign"),

@@ -530,7 +530,7 @@ pub fn load_weights(
             proto.producer_name
         ));
     }
-    // The same architecture, head, input size and labels, or the tensors would not mean the same thing.
+    // The same architecture, head and labels (whatever `expect` names), or the tensors would not mean the same thing.
     let meta: BTreeMap<&str, &str> = proto
         .metadata_props
         .iter()
@@ -541,7 +541,7 @@ pub fn load_weights(
         if have != want {
             return Err(format!(
                 "its metadata `{key}` is `{have}`, this run trains `{want}`; pass the matching \
-                 --arch / --input-size / head"
+                 --arch / head"
             ));
         }
     }

@@ -73,8 +73,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub weights: Option<String>,
     /// Fine-tune a model `emotiond train` exported (e.g. the shipped `models/fer2013_efficientnet_lite0_64.onnx`)
-    /// instead of starting from ImageNet: same --arch, --input-size and head. Its folded batch norms are
-    /// re-estimated on training images first. A fresh warm-up and cosine schedule follow; use a lower --lr.
+    /// instead of starting from ImageNet: same --arch and head; --input-size may differ (fine-tuning at a higher
+    /// resolution). Its folded batch norms are re-estimated on training images first. A fresh warm-up and cosine
+    /// schedule follow; use a lower --lr.
     #[arg(long, conflicts_with = "weights")]
     pub init: Option<PathBuf>,
     #[arg(long, default_value_t = 30)]
@@ -724,11 +725,12 @@ fn init_from_onnx(
     let bytes =
         std::fs::read(path).with_context(|| format!("--init: reading {}", path.display()))?;
     let map = spec.to_map();
-    let mut expect: std::collections::BTreeMap<String, String> =
-        ["emotiond.input_size", "emotiond.labels"]
-            .iter()
-            .filter_map(|k| map.get(*k).map(|v| (k.to_string(), v.clone())))
-            .collect();
+    // The input size may differ: every layer is a convolution or follows global pooling, so the weights apply
+    // at any resolution, and the batch norms are re-estimated below at the size this run trains.
+    let mut expect: std::collections::BTreeMap<String, String> = ["emotiond.labels"]
+        .iter()
+        .filter_map(|k| map.get(*k).map(|v| (k.to_string(), v.clone())))
+        .collect();
     expect.insert("emotiond.architecture".into(), args.arch.name().into());
     expect.insert("emotiond.head".into(), head_name(args.plain_head).into());
     let n = super::onnx::load_weights(model, &bytes, &expect, dev)
