@@ -321,7 +321,7 @@ pub struct ClassifyConfig {
 impl Default for ClassifyConfig {
     fn default() -> Self {
         Self {
-            model: "models/fer2013_efficientnet_lite0_64.onnx".into(),
+            model: "models/fer2013_efficientnet_lite0_96.onnx".into(),
             ort_library: None,
             provider: ExecutionProvider::Auto,
             threads: 1,

@@ -489,6 +489,7 @@ fn deb_has_binary_unit_config_models_and_onnxruntime() {
     get("/usr/lib/systemd/system/emotiond.service");
     for m in [
         "face_detection_yunet_2023mar.onnx",
+        "fer2013_efficientnet_lite0_96.onnx",
         "fer2013_efficientnet_lite0_64.onnx",
         "fer2013_mini_xception_64.onnx",
         "fer2013_mini_xception_64.onnx.json",

@@ -33,6 +33,12 @@ struct Card {
 
 const CARDS: &[Card] = &[
     Card {
+        file: "models/fer2013_efficientnet_lite0_96.onnx",
+        publictest_accuracy: 0.677,
+        publictest_macro_f1: 0.656,
+        architecture: Some("efficientnet-lite0"),
+    },
+    Card {
         file: "models/fer2013_efficientnet_lite0_64.onnx",
         publictest_accuracy: 0.663,
         publictest_macro_f1: 0.636,
