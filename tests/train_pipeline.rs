@@ -241,20 +241,19 @@ fn train_export_parity_eval_resume() {
     // 5. `--init` fine-tunes the export: after one step at a negligible learning rate the new run's export
     //    classifies the held-out part like the source did. It also fine-tunes at another input size. A model
     //    `emotiond train` did not write is refused.
-    let tuned = dir.path().join("tuned");
     let init = onnx.to_str().unwrap();
-    let mut a = args(
-        &data,
-        &tuned,
-        &[
+    let init_args = |out: &str| {
+        let extra = [
             "--epochs",
             "1",
             "--max-steps-per-epoch",
             "1",
             "--init",
             init,
-        ],
-    );
+        ];
+        args(&data, &dir.path().join(out), &extra)
+    };
+    let mut a = init_args("tuned");
     a.lr = 1e-9;
     let t = emotiond::train::train(&a).unwrap();
     let after = t
@@ -274,18 +273,7 @@ fn train_export_parity_eval_resume() {
     );
     // The same weights fine-tuned at a higher resolution: the export declares the new input size, and the
     // daemon's classifier serves it.
-    let mut up = args(
-        &data,
-        &dir.path().join("up"),
-        &[
-            "--epochs",
-            "1",
-            "--max-steps-per-epoch",
-            "1",
-            "--init",
-            init,
-        ],
-    );
+    let mut up = init_args("up");
     up.input_size = 64;
     up.no_final_eval = true;
     // (Accuracy is not compared: these classes are ring frequencies, which a change of scale moves.)
