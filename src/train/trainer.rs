@@ -724,13 +724,10 @@ fn init_from_onnx(
 ) -> anyhow::Result<usize> {
     let bytes =
         std::fs::read(path).with_context(|| format!("--init: reading {}", path.display()))?;
-    let map = spec.to_map();
     // The input size may differ: every layer is a convolution or follows global pooling, so the weights apply
     // at any resolution, and the batch norms are re-estimated below at the size this run trains.
-    let mut expect: std::collections::BTreeMap<String, String> = ["emotiond.labels"]
-        .iter()
-        .filter_map(|k| map.get(*k).map(|v| (k.to_string(), v.clone())))
-        .collect();
+    let mut expect = spec.to_map();
+    expect.retain(|k, _| k == "emotiond.labels");
     expect.insert("emotiond.architecture".into(), args.arch.name().into());
     expect.insert("emotiond.head".into(), head_name(args.plain_head).into());
     let n = super::onnx::load_weights(model, &bytes, &expect, dev)
