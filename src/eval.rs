@@ -26,9 +26,17 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = DataFormat::Auto)]
     pub format: DataFormat,
     /// Which part: `test` (default) or `train` for the Kaggle layout; the `Usage` value for the CSV
-    /// (default `PublicTest`). Ignored for a plain folder (all images).
+    /// (default `PublicTest`); all images of a plain folder. `val` is the validation part `emotiond train`
+    /// held out of its training part with the same `--val-fraction` and `--seed`: the images to choose
+    /// between models and test-time augmentations on, keeping the test part for the final report.
     #[arg(long)]
     pub split: Option<String>,
+    /// With `--split val`: the training run's `--val-fraction`.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f32,
+    /// With `--split val`: the training run's `--seed`.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
     /// Class folder → label mapping for a plain folder, e.g. `anger=angry,contempt=skip`.
     #[arg(long)]
     pub label_map: Option<String>,
@@ -250,7 +258,33 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut classifier = Classifier::load(&args.model, &copts)?;
-    let (ds, split) = data::load_eval(&args.data, &opts, args.split.as_deref())?;
+    let (ds, split) = if args.split.as_deref() == Some("val") {
+        // What `emotiond train` does: its training part (a plain folder: minus its default 10 % test part),
+        // then the stratified, seeded validation split.
+        let opts = LoadOptions {
+            test_fraction: 0.1,
+            seed: args.seed,
+            ..opts
+        };
+        let splits = data::load_splits(&args.data, &opts)?;
+        let (_, val) = data::stratified_split(splits.train.samples, args.val_fraction, args.seed);
+        let name = format!(
+            "val: {:.0} % of {} with seed {}",
+            100.0 * args.val_fraction,
+            splits.train_name,
+            args.seed
+        );
+        let ds = Dataset {
+            samples: val,
+            skipped: splits.train.skipped,
+        };
+        if ds.is_empty() {
+            anyhow::bail!("--split val: no validation images (is --val-fraction 0?)");
+        }
+        (ds, name)
+    } else {
+        data::load_eval(&args.data, &opts, args.split.as_deref())?
+    };
     eprintln!(
         "Evaluating {} on {} ({split}): {} images{}.",
         args.model.display(),

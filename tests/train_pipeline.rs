@@ -132,6 +132,27 @@ fn parity(
     worst
 }
 
+/// `emotiond eval` on the test part of `data`, one thread, plots on, output next to the model.
+fn eval_args(model: &Path, data: &Path) -> emotiond::eval::EvalArgs {
+    emotiond::eval::EvalArgs {
+        model: model.to_owned(),
+        data: data.to_owned(),
+        format: emotiond::train::data::DataFormat::Auto,
+        split: None,
+        val_fraction: 0.1,
+        seed: 42,
+        label_map: None,
+        ferplus: None,
+        skip_bad: false,
+        out: None,
+        history: None,
+        batch: 32,
+        threads: 1,
+        ort_library: None,
+        no_plots: false,
+    }
+}
+
 /// Largest element-wise |a − b|.
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -210,19 +231,8 @@ fn train_export_parity_eval_resume() {
     // 4. `eval` on the data set's test part writes metrics and plots.
     let eval_out = dir.path().join("eval");
     emotiond::eval::run(emotiond::eval::EvalArgs {
-        model: onnx.clone(),
-        data: data.clone(),
-        format: emotiond::train::data::DataFormat::Auto,
-        split: None,
-        label_map: None,
-        ferplus: None,
-        skip_bad: false,
         out: Some(eval_out.clone()),
-        history: None,
-        batch: 32,
-        threads: 1,
-        ort_library: None,
-        no_plots: false,
+        ..eval_args(&onnx, &data)
     })
     .unwrap();
     let m: serde_json::Value =
@@ -237,6 +247,37 @@ fn train_export_parity_eval_resume() {
     ] {
         assert!(eval_out.join(f).is_file(), "{f} missing");
     }
+
+    //    `--split val` measures the validation part the run held out: the same number of images, and the
+    //    accuracy the run logged for the exported (best) epoch, to within one image (burn vs ort rounding).
+    let val_out = dir.path().join("eval-val");
+    emotiond::eval::run(emotiond::eval::EvalArgs {
+        split: Some("val".into()),
+        val_fraction: 0.15,
+        out: Some(val_out.clone()),
+        no_plots: true,
+        ..eval_args(&onnx, &data)
+    })
+    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(val_out.join("metrics.json")).unwrap())
+            .unwrap();
+    let run_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run_config.json")).unwrap())
+            .unwrap();
+    let n_val = v["n"].as_u64().unwrap();
+    assert_eq!(
+        n_val,
+        run_config["validation_images"].as_u64().unwrap(),
+        "{v}"
+    );
+    let logged = h[summary.best_epoch - 1].val_acc;
+    let measured = v["accuracy"].as_f64().unwrap();
+    eprintln!("validation accuracy: logged {logged:.4}, eval --split val {measured:.4}");
+    assert!(
+        (measured - logged).abs() <= 1.0 / n_val as f64 + 1e-9,
+        "{measured} vs {logged}"
+    );
 
     // 5. `--init` fine-tunes the export: after one step at a negligible learning rate the new run's export
     //    classifies the held-out part like the source did. It also fine-tunes at another input size. A model
