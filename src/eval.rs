@@ -258,32 +258,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut classifier = Classifier::load(&args.model, &copts)?;
-    let (ds, split) = if args.split.as_deref() == Some("val") {
-        // What `emotiond train` does: its training part (a plain folder: minus its default 10 % test part),
-        // then the stratified, seeded validation split.
-        let opts = LoadOptions {
-            test_fraction: 0.1,
-            seed: args.seed,
-            ..opts
-        };
-        let splits = data::load_splits(&args.data, &opts)?;
-        let (_, val) = data::stratified_split(splits.train.samples, args.val_fraction, args.seed);
-        let name = format!(
-            "val: {:.0} % of {} with seed {}",
-            100.0 * args.val_fraction,
-            splits.train_name,
-            args.seed
-        );
-        let ds = Dataset {
-            samples: val,
-            skipped: splits.train.skipped,
-        };
-        if ds.is_empty() {
-            anyhow::bail!("--split val: no validation images (is --val-fraction 0?)");
-        }
-        (ds, name)
-    } else {
-        data::load_eval(&args.data, &opts, args.split.as_deref())?
+    let (ds, split) = match args.split.as_deref() {
+        Some("val") => data::load_validation(&args.data, &opts, args.val_fraction, args.seed)?,
+        part => data::load_eval(&args.data, &opts, part)?,
     };
     eprintln!(
         "Evaluating {} on {} ({split}): {} images{}.",

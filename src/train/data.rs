@@ -292,6 +292,36 @@ pub fn load_eval(
     Ok((ds, name))
 }
 
+/// Loads the validation part `emotiond train --val-fraction F --seed S` holds out: its training part (for a
+/// plain folder, what remains after train's default 10 % test part), then the same stratified, seeded split.
+pub fn load_validation(
+    path: &Path,
+    opts: &LoadOptions,
+    val_fraction: f32,
+    seed: u64,
+) -> Result<(Dataset, String), DataError> {
+    let opts = LoadOptions {
+        test_fraction: 0.1,
+        seed,
+        ..opts.clone()
+    };
+    let splits = load_splits(path, &opts)?;
+    let (_, samples) = stratified_split(splits.train.samples, val_fraction, seed);
+    let name = format!(
+        "val: {:.0} % of {} with seed {seed}",
+        100.0 * val_fraction,
+        splits.train_name
+    );
+    if samples.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+            hint: format!("{name}: --val-fraction must be above 0"),
+        });
+    }
+    let skipped = splits.train.skipped;
+    Ok((Dataset { samples, skipped }, name))
+}
+
 /// Reads `fer2013.csv` into parts keyed by `Usage` (`Training`, `PublicTest`, `PrivateTest`). Rows with a bad
 /// field are errors (`file:line: ...`) or, with `skip_bad`, counted in the `_skipped` entry.
 pub fn load_fer_csv(path: &Path, skip_bad: bool) -> Result<BTreeMap<String, Dataset>, DataError> {
