@@ -210,6 +210,7 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
         acked_ahead: BTreeSet::new(),
         cameras: BTreeMap::new(),
         stats: PublishStats::default(),
+        dropped_in_flight: 0,
         dropped_unlogged: 0,
         last_drop_log: None,
         lost_unlogged: 0,
@@ -244,10 +245,10 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
     // Shutdown: the cameras are gone. Give the broker a few seconds to take what is left.
     p.flush_spool();
     let until = tokio::time::Instant::now() + DRAIN_ON_SHUTDOWN;
-    if p.client.is_some() && p.spool.pending() > 0 {
+    if p.client.is_some() && (p.spool.pending() > 0 || p.in_flight_dropped() > 0) {
         loop {
             p.fill();
-            if p.spool.pending() == 0 || p.client.is_none() {
+            if (p.spool.pending() == 0 && p.in_flight_dropped() == 0) || p.client.is_none() {
                 break;
             }
             match tokio::time::timeout_at(until, link_rx.recv()).await {
@@ -411,6 +412,8 @@ struct Publisher {
     /// Latest state of every camera: re-published on each connect.
     cameras: BTreeMap<String, CameraState>,
     stats: PublishStats,
+    /// In-flight messages lost with their session after the spool had dropped their records (not yet counted).
+    dropped_in_flight: u64,
     dropped_unlogged: u64,
     last_drop_log: Option<Instant>,
     /// Spool write failures not yet logged, and when the last were.
@@ -539,8 +542,7 @@ impl Publisher {
                     }
                     None => tracing::info!(broker = %self.url, "Connected to the MQTT broker."),
                 }
-                self.queued.clear();
-                self.inflight.clear();
+                self.forget_in_flight();
                 self.spool.rewind();
                 if client
                     .try_publish(&self.status, QoS::AtLeastOnce, true, "online")
@@ -566,8 +568,7 @@ impl Publisher {
                     self.down_since = Some(Instant::now());
                 }
                 // The old event loop is gone with everything queued in it: all of it is sent again.
-                self.queued.clear();
-                self.inflight.clear();
+                self.forget_in_flight();
                 self.spool.rewind();
                 if let Err(e) = self.spool.persist_ack() {
                     tracing::error!("{e}");
@@ -587,6 +588,25 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// Spooled messages sent (or queued to send) whose records the spool has since dropped for space: their
+    /// acknowledgement is the only sign they arrived.
+    fn in_flight_dropped(&self) -> u64 {
+        let floor = self.spool.acked();
+        self.queued
+            .iter()
+            .chain(self.inflight.values())
+            .filter(|i| matches!(i, Item::Spooled(id) if *id < floor))
+            .count() as u64
+    }
+
+    /// Forgets what the old session had in flight (it is sent again from the spool); what the spool no longer
+    /// holds cannot be, and is counted as dropped.
+    fn forget_in_flight(&mut self) {
+        self.dropped_in_flight += self.in_flight_dropped();
+        self.queued.clear();
+        self.inflight.clear();
     }
 
     fn acked(&mut self, id: u64) {
@@ -629,7 +649,11 @@ impl Publisher {
             );
             self.lost_unlogged = 0;
         }
-        let dropped = self.spool.take_dropped();
+        if last {
+            // Sent, dropped from the spool, and not acknowledged by the end of the drain: not known to have arrived.
+            self.dropped_in_flight += self.in_flight_dropped();
+        }
+        let dropped = self.spool.take_dropped() + std::mem::take(&mut self.dropped_in_flight);
         metrics()
             .spool_dropped
             .fetch_add(dropped, Ordering::Relaxed);

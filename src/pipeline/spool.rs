@@ -20,8 +20,9 @@
 //! again (a duplicate, never a loss).
 //!
 //! Bound: the segment files together stay under `max_bytes` (plus one record). When a new record would go over,
-//! the oldest segment (about 1/8 of the spool) is deleted and its unacknowledged records are counted in
-//! [`Spool::take_dropped`]. Memory use does not depend on the spool size: only segment names and sizes are kept.
+//! the oldest segment (about 1/8 of the spool) is deleted and its records that were never read are counted in
+//! [`Spool::take_dropped`]; records already read (in flight) are the caller's to count if their acknowledgement
+//! never comes. Memory use does not depend on the spool size: only segment names and sizes are kept.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -231,7 +232,7 @@ impl Spool {
         self.next_id
     }
 
-    /// Records dropped to stay within the bound since the last call.
+    /// Records dropped to stay within the bound, before they were ever read, since the last call.
     pub fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
     }
@@ -319,8 +320,12 @@ impl Spool {
         let Some(seg) = self.segments.pop_front() else {
             return;
         };
-        let unacked = seg.end_id().saturating_sub(self.acked.max(seg.first_id));
-        self.dropped += unacked;
+        // Records below the read cursor were handed to the client and may still be acknowledged: the caller
+        // settles those (it knows what is in flight). Here only the never-sent ones count.
+        let unsent = seg
+            .end_id()
+            .saturating_sub(self.acked.max(self.read.id).max(seg.first_id));
+        self.dropped += unsent;
         self.total_bytes -= seg.bytes;
         let _ = fs::remove_file(&seg.path);
         if self.acked < seg.end_id() {
@@ -767,6 +772,38 @@ mod tests {
         assert_eq!(dropped + kept.len() as u64, n);
         assert!(dropped > n / 2, "dropped {dropped}");
         assert_eq!(s.take_dropped(), 0);
+    }
+
+    /// Records already read (in flight) when their segment goes are not counted: they may still be acknowledged,
+    /// and the publisher settles them. Only the never-read ones are.
+    #[test]
+    fn bound_counts_only_unread_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 64 << 10;
+        let mut s = open(dir.path(), max);
+        let mut n = 0u64;
+        while s.bytes() + 2 * payload(n).len() as u64 <= max {
+            s.append("t", &payload(n)).unwrap();
+            n += 1;
+        }
+        s.flush().unwrap();
+        // Everything is in flight, nothing acknowledged; then the spool overflows twice over.
+        assert_eq!(s.read_next(n as usize).unwrap().len() as u64, n);
+        let more = 2 * n;
+        for i in n..n + more {
+            s.append("t", &payload(i)).unwrap();
+        }
+        s.flush().unwrap();
+        let dropped = s.take_dropped();
+        let left = s.read_next(usize::MAX).unwrap();
+        let first_left = left.first().unwrap().id;
+        // Of the ids below the first kept one, the first n were in flight: not counted. The rest never left.
+        assert!(
+            first_left > n,
+            "the overflow reached the unread records: {first_left}"
+        );
+        assert_eq!(dropped, first_left - n);
+        assert_eq!(s.acked(), first_left);
     }
 
     #[test]
