@@ -39,6 +39,9 @@ enum Command {
     /// Fine-tune EfficientNet on face-expression data and export the ONNX model the daemon serves.
     #[cfg(feature = "train")]
     Train(emotiond::train::TrainArgs),
+    /// Average the weights of models fine-tuned from the same start into one (a model soup).
+    #[cfg(feature = "train")]
+    Soup(emotiond::train::soup::SoupArgs),
     /// Seconds per training step and images/s for B0 and Lite0 (a benchmark, not a test).
     #[cfg(feature = "train")]
     BenchTrain(emotiond::train::bench::BenchArgs),
@@ -69,6 +72,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => emotiond::eval::run(args),
         #[cfg(feature = "train")]
         Command::Train(args) => emotiond::train::run(args),
+        #[cfg(feature = "train")]
+        Command::Soup(args) => emotiond::train::soup::run(args),
         #[cfg(feature = "train")]
         Command::BenchTrain(args) => emotiond::train::bench::run(args),
     };

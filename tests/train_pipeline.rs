@@ -66,6 +66,12 @@ struct Cli {
     args: TrainArgs,
 }
 
+#[derive(Parser)]
+struct SoupCli {
+    #[command(flatten)]
+    args: emotiond::train::soup::SoupArgs,
+}
+
 fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     let mut v: Vec<String> = [
         "train",
@@ -326,6 +332,68 @@ fn train_export_parity_eval_resume() {
     .unwrap();
     assert_eq!(c.spec().input_size, 64);
     drop(c);
+    // `soup` averages the export and its fine-tuned copy: weight 1 on the source reproduces the source's
+    // held-out accuracy exactly; the even mix (two nearly equal weight sets) stays within the same margin as
+    // `--init`, and measuring on `--data` writes the soup's validation numbers into its metadata. A model of
+    // another input size is refused by name.
+    let tuned = dir.path().join("tuned/model.onnx");
+    let soup = |weights: Option<[f64; 2]>, other: &Path, name: &str| {
+        let out = dir.path().join(name);
+        emotiond::train::soup::run(
+            SoupCli::parse_from(
+                [
+                    "soup",
+                    onnx.to_str().unwrap(),
+                    other.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--data",
+                    data.to_str().unwrap(),
+                    "--val-fraction",
+                    "0.15",
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain(weights.map(|w: [f64; 2]| format!("--weights={},{}", w[0], w[1]))),
+            )
+            .args,
+        )
+        .map(|()| out)
+    };
+    let test_accuracy = |model: &Path| {
+        let out = dir.path().join("eval-soup");
+        emotiond::eval::run(emotiond::eval::EvalArgs {
+            out: Some(out.clone()),
+            no_plots: true,
+            ..eval_args(model, &data)
+        })
+        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        v["accuracy"].as_f64().unwrap()
+    };
+    let only_source = soup(Some([1.0, 0.0]), &tuned, "soup-1-0.onnx").unwrap();
+    assert_eq!(test_accuracy(&only_source), test.metrics.accuracy);
+    let even = soup(None, &tuned, "soup-even.onnx").unwrap();
+    let even_acc = test_accuracy(&even);
+    eprintln!(
+        "soup: held-out accuracy {even_acc:.3} (source {:.3})",
+        test.metrics.accuracy
+    );
+    assert!((even_acc - test.metrics.accuracy).abs() <= 3.0 / 56.0);
+    let c = Classifier::load(&even, &ClassifierOptions::default()).unwrap();
+    let val_acc: f64 = c.spec().extra["emotiond.val_accuracy"].parse().unwrap();
+    assert!(
+        (val_acc - logged).abs() <= 3.0 / n_val as f64,
+        "{val_acc} vs {logged}"
+    );
+    assert!(c.spec().extra["emotiond.recipe"].contains("\"soup\""));
+    drop(c);
+    let e = soup(None, &dir.path().join("up/model.onnx"), "soup-up.onnx")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("emotiond.input_size"), "{e}");
     let foreign = args(
         &data,
         &dir.path().join("foreign"),

@@ -25,6 +25,8 @@ pub mod onnx;
 #[cfg(feature = "train")]
 pub mod pretrained;
 #[cfg(feature = "train")]
+pub mod soup;
+#[cfg(feature = "train")]
 mod trainer;
 
 #[cfg(feature = "train")]
