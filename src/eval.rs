@@ -147,6 +147,28 @@ impl Metrics {
         }
     }
 
+    /// The model metadata that records validation results (`emotiond.val_*`), as `train` and `soup` write it.
+    pub fn validation_metadata(&self) -> [(String, String); 3] {
+        [
+            (
+                "emotiond.val_accuracy".into(),
+                format!("{:.4}", self.accuracy),
+            ),
+            (
+                "emotiond.val_macro_f1".into(),
+                format!("{:.4}", self.macro_f1),
+            ),
+            (
+                "emotiond.val_f1_per_class".into(),
+                self.per_class
+                    .iter()
+                    .map(|c| format!("{}={:.3}", c.label, c.f1))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        ]
+    }
+
     /// A plain-text report: summary, per-class table, confusion matrix.
     pub fn report(&self) -> String {
         use std::fmt::Write;

@@ -272,16 +272,7 @@ pub fn run(args: SoupArgs) -> anyhow::Result<()> {
             "soup", "", m.accuracy, m.macro_f1
         );
         let mut props: BTreeMap<String, String> = meta(&soup);
-        props.insert("emotiond.val_accuracy".into(), format!("{:.4}", m.accuracy));
-        props.insert("emotiond.val_macro_f1".into(), format!("{:.4}", m.macro_f1));
-        props.insert(
-            "emotiond.val_f1_per_class".into(),
-            m.per_class
-                .iter()
-                .map(|c| format!("{}={:.3}", c.label, c.f1))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
+        props.extend(m.validation_metadata());
         soup.metadata_props = props
             .into_iter()
             .map(|(key, value)| StringStringEntryProto { key, value })

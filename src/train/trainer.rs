@@ -633,18 +633,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
     if let Some(m) = &best_val {
-        spec.extra
-            .insert("emotiond.val_accuracy".into(), format!("{:.4}", m.accuracy));
-        spec.extra
-            .insert("emotiond.val_macro_f1".into(), format!("{:.4}", m.macro_f1));
-        spec.extra.insert(
-            "emotiond.val_f1_per_class".into(),
-            m.per_class
-                .iter()
-                .map(|c| format!("{}={:.3}", c.label, c.f1))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
+        spec.extra.extend(m.validation_metadata());
     }
     spec.extra
         .insert("emotiond.best_epoch".into(), state.best_epoch.to_string());
