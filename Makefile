@@ -29,7 +29,7 @@ bench: build
 clean:
 	$(CARGO) clean
 
-# The shipped emotion models, reproduced end to end (models/README.md; three stages, about 7 h on 2 cores, resumable):
+# The shipped emotion models, reproduced end to end (models/README.md; five stages and a weight average, about 10 h on 2 cores, resumable):
 #   make model FER2013=/path/to/fer2013.tar.gz     (Kaggle layout: train/<class>/, test/<class>/ = PublicTest)
 FER2013 ?= data/fer2013.tar.gz
 MODEL_RUN ?= runs/fer2013-lite0-focal-64

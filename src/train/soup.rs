@@ -169,7 +169,7 @@ pub fn average(models: &[(PathBuf, ModelProto)], weights: &[f64]) -> anyhow::Res
                 .get("emotiond.recipe")
                 .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok());
             serde_json::json!({
-                "model": path.file_name().unwrap_or_default().to_string_lossy(),
+                "model": short_name(path),
                 "weight": (w * 1e4).round() / 1e4,
                 "best_epoch": mt.get("emotiond.best_epoch"),
                 "val_accuracy": mt.get("emotiond.val_accuracy"),
@@ -190,6 +190,17 @@ pub fn average(models: &[(PathBuf, ModelProto)], weights: &[f64]) -> anyhow::Res
         .map(|(key, value)| StringStringEntryProto { key, value })
         .collect();
     Ok(out)
+}
+
+/// `stage4/model.onnx` for `/any/where/stage4/model.onnx`: names runs apart without the machine's paths.
+fn short_name(path: &Path) -> String {
+    let parts: Vec<_> = path.components().rev().take(2).collect();
+    parts
+        .iter()
+        .rev()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn normalised(weights: Option<&[f64]>, n: usize) -> anyhow::Result<Vec<f64>> {
@@ -340,6 +351,11 @@ mod tests {
         assert!(!meta.contains_key("emotiond.val_accuracy"));
         let recipe: serde_json::Value = serde_json::from_str(&meta["emotiond.recipe"]).unwrap();
         assert_eq!(recipe["soup"][1]["weight"], 0.75);
+        assert_eq!(recipe["soup"][1]["model"], "m3.onnx");
+        assert_eq!(
+            short_name(Path::new("/runs/stage4/model.onnx")),
+            "stage4/model.onnx"
+        );
         assert_eq!(recipe["soup"][0]["recipe"]["loss"], "Focal");
         // Weight 1 for one model reproduces it bit for bit.
         let one = average(&ms, &normalised(Some(&[0.0, 1.0][..]), 2).unwrap()).unwrap();
