@@ -72,6 +72,9 @@ fn is_trained(name: &str) -> bool {
 /// graph and contract are the reference; every other must match them exactly but for trained tensors' values.
 pub fn average(models: &[(PathBuf, ModelProto)], weights: &[f64]) -> anyhow::Result<ModelProto> {
     let (first_path, first) = models.first().context("no models to average")?;
+    if weights.len() != models.len() {
+        bail!("{} weights for {} models", weights.len(), models.len());
+    }
     let graph0 = first
         .graph
         .as_ref()
@@ -80,7 +83,10 @@ pub fn average(models: &[(PathBuf, ModelProto)], weights: &[f64]) -> anyhow::Res
     let mut sums: Vec<Option<Vec<f64>>> = graph0
         .initializer
         .iter()
-        .map(|t| is_trained(&t.name).then(|| vec![0.0; t.raw_data.len() / 4]))
+        .map(|t| {
+            let n = t.dims.iter().product::<i64>().max(0) as usize;
+            is_trained(&t.name).then(|| vec![0.0; n])
+        })
         .collect();
     for ((path, m), &w) in models.iter().zip(weights) {
         let name = path.display();
