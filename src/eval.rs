@@ -3,7 +3,7 @@
 //! In: a model (`Classifier::load`, ONNX metadata or sidecar) and a data set (FER-2013 CSV, Kaggle folders, or
 //! folder-per-class; see `train::data`). Every image goes through `crop_to_input` → `normalize_into` →
 //! `Classifier::run`, exactly as in serving. Out: accuracy, macro-F1, per-class precision/recall/F1 and the
-//! confusion matrix on stdout; `metrics.json` and PNG plots (confusion matrix, class distribution, training
+//! confusion matrix on stdout; `metrics.json`, per-image `predictions.csv` and PNG plots (confusion matrix, class distribution, training
 //! curves when a `history.json` training log is found) in the output folder.
 
 use std::path::{Path, PathBuf};
@@ -225,6 +225,19 @@ pub fn evaluate(
     ds: &Dataset,
     batch: usize,
 ) -> anyhow::Result<(Metrics, f64)> {
+    let (probs, ips) = predict(classifier, ds, batch)?;
+    let truth: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
+    let pred: Vec<usize> = probs.iter().map(|p| data::argmax(p)).collect();
+    Ok((Metrics::from_predictions(&truth, &pred), ips))
+}
+
+/// Runs the classifier over a data set; returns each image's class probabilities in [`FER_LABELS`] order
+/// (whatever order the model lists its labels in) and the throughput (images/s).
+pub fn predict(
+    classifier: &mut Classifier,
+    ds: &Dataset,
+    batch: usize,
+) -> anyhow::Result<(Vec<[f32; K]>, f64)> {
     let spec = classifier.spec().clone();
     // Model output index → our label index, by name (a foreign model may order its labels differently).
     let map: Vec<usize> = spec
@@ -243,7 +256,7 @@ pub fn evaluate(
         })
         .collect::<anyhow::Result<_>>()?;
     let start = std::time::Instant::now();
-    let mut pred = Vec::with_capacity(ds.len());
+    let mut out = Vec::with_capacity(ds.len());
     let mut input = Vec::new();
     for chunk in ds.samples.chunks(batch.max(1)) {
         input.clear();
@@ -252,14 +265,45 @@ pub fn evaluate(
                 .with_context(|| format!("preprocessing {}", s.source))?;
         }
         let probs = classifier.run(std::mem::take(&mut input))?;
-        pred.extend(probs.iter().map(|p| map[data::argmax(p)]));
+        out.extend(probs.iter().map(|p| {
+            let mut ours = [0.0f32; K];
+            for (i, &v) in p.iter().enumerate() {
+                ours[map[i]] = v;
+            }
+            ours
+        }));
     }
     let secs = start.elapsed().as_secs_f64().max(1e-9);
-    let truth: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
-    Ok((
-        Metrics::from_predictions(&truth, &pred),
-        ds.len() as f64 / secs,
-    ))
+    Ok((out, ds.len() as f64 / secs))
+}
+
+/// `predictions.csv`: one row per image (source, true label, predicted label, the seven probabilities), for
+/// error analysis.
+pub fn write_predictions(path: &Path, ds: &Dataset, probs: &[[f32; K]]) -> anyhow::Result<()> {
+    use std::fmt::Write;
+    let mut s = format!(
+        "source,truth,predicted,{}\n",
+        FER_LABELS.map(|l| format!("p_{l}")).join(",")
+    );
+    for (sample, p) in ds.samples.iter().zip(probs) {
+        let source = if sample.source.contains([',', '"']) {
+            format!("\"{}\"", sample.source.replace('"', "\"\""))
+        } else {
+            sample.source.clone()
+        };
+        let _ = write!(
+            s,
+            "{source},{},{}",
+            FER_LABELS[sample.label],
+            FER_LABELS[data::argmax(p)]
+        );
+        for v in p {
+            // Shortest text that reads back as the same f32, so the argmax of the columns is the prediction.
+            let _ = write!(s, ",{v}");
+        }
+        s.push('\n');
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -295,7 +339,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             String::new()
         }
     );
-    let (metrics, ips) = evaluate(&mut classifier, &ds, args.batch)?;
+    let (probs, ips) = predict(&mut classifier, &ds, args.batch)?;
+    let truth: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
+    let pred: Vec<usize> = probs.iter().map(|p| data::argmax(p)).collect();
+    let metrics = Metrics::from_predictions(&truth, &pred);
     print!("{}", metrics.report());
     let out = args.out.clone().unwrap_or_else(|| {
         let stem = args
@@ -325,7 +372,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         h.is_file().then_some(h)
     });
     write_outputs(&out, &report, Some(&ds), history.as_deref(), !args.no_plots)?;
-    eprintln!("Wrote {}.", out.display());
+    write_predictions(&out.join("predictions.csv"), &ds, &probs)?;
+    eprintln!(
+        "Wrote {} (metrics.json, predictions.csv{}).",
+        out.display(),
+        if args.no_plots { "" } else { ", plots" }
+    );
     Ok(())
 }
 

@@ -253,6 +253,29 @@ fn train_export_parity_eval_resume() {
     ] {
         assert!(eval_out.join(f).is_file(), "{f} missing");
     }
+    //    `predictions.csv`: one row per image whose predicted column, and whose argmax of the seven
+    //    probabilities, agree with each other and reproduce the reported accuracy.
+    let csv = std::fs::read_to_string(eval_out.join("predictions.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "source,truth,predicted,p_angry,p_disgust,p_fear,p_happy,p_sad,p_surprise,p_neutral"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 56);
+    let mut correct = 0;
+    for r in &rows {
+        assert_eq!(r.len(), 10, "{r:?}");
+        let p: Vec<f32> = r[3..].iter().map(|v| v.parse().unwrap()).collect();
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-3, "{r:?}");
+        assert_eq!(
+            emotiond::model::FER_LABELS[emotiond::train::data::argmax(&p)],
+            r[2],
+            "{r:?}"
+        );
+        correct += usize::from(r[1] == r[2]);
+    }
+    assert!((correct as f64 / 56.0 - test.metrics.accuracy).abs() < 1e-9);
 
     //    `--split val` measures the validation part the run held out: the same number of images, and the
     //    accuracy the run logged for the exported (best) epoch, to within one image (burn vs ort rounding).
