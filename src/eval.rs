@@ -94,6 +94,13 @@ impl Metrics {
         Self::from_confusion(confusion)
     }
 
+    /// The metrics of `predict`'s probabilities against the data set's labels.
+    pub fn from_probabilities(ds: &Dataset, probs: &[[f32; K]]) -> Self {
+        let truth: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
+        let pred: Vec<usize> = probs.iter().map(|p| data::argmax(p)).collect();
+        Self::from_predictions(&truth, &pred)
+    }
+
     pub fn from_confusion(confusion: Vec<Vec<usize>>) -> Self {
         let n: usize = confusion.iter().flatten().sum();
         let correct: usize = (0..K).map(|i| confusion[i][i]).sum();
@@ -226,9 +233,7 @@ pub fn evaluate(
     batch: usize,
 ) -> anyhow::Result<(Metrics, f64)> {
     let (probs, ips) = predict(classifier, ds, batch)?;
-    let truth: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
-    let pred: Vec<usize> = probs.iter().map(|p| data::argmax(p)).collect();
-    Ok((Metrics::from_predictions(&truth, &pred), ips))
+    Ok((Metrics::from_probabilities(ds, &probs), ips))
 }
 
 /// Runs the classifier over a data set; returns each image's class probabilities in [`FER_LABELS`] order
@@ -340,9 +345,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     );
     let (probs, ips) = predict(&mut classifier, &ds, args.batch)?;
-    let truth: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
-    let pred: Vec<usize> = probs.iter().map(|p| data::argmax(p)).collect();
-    let metrics = Metrics::from_predictions(&truth, &pred);
+    let metrics = Metrics::from_probabilities(&ds, &probs);
     print!("{}", metrics.report());
     let out = args.out.clone().unwrap_or_else(|| {
         let stem = args
@@ -371,8 +374,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             .join("history.json");
         h.is_file().then_some(h)
     });
-    write_outputs(&out, &report, Some(&ds), history.as_deref(), !args.no_plots)?;
-    write_predictions(&out.join("predictions.csv"), &ds, &probs)?;
+    write_outputs(
+        &out,
+        &report,
+        Some((&ds, &probs)),
+        history.as_deref(),
+        !args.no_plots,
+    )?;
     eprintln!(
         "Wrote {} (metrics.json, predictions.csv{}).",
         out.display(),
@@ -381,11 +389,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `metrics.json` and (with `plots`) the PNGs into `out`.
+/// Writes `metrics.json`, `predictions.csv` (given the data set and its predictions) and (with `plots`) the
+/// PNGs into `out`.
 pub fn write_outputs(
     out: &Path,
     report: &EvalReport,
-    ds: Option<&Dataset>,
+    predictions: Option<(&Dataset, &[[f32; K]])>,
     history: Option<&Path>,
     plots: bool,
 ) -> anyhow::Result<()> {
@@ -393,6 +402,9 @@ pub fn write_outputs(
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(out.join("metrics.json"), json)
         .with_context(|| format!("writing {}/metrics.json", out.display()))?;
+    if let Some((ds, probs)) = predictions {
+        write_predictions(&out.join("predictions.csv"), ds, probs)?;
+    }
     if plots {
         let m = &report.metrics;
         plot::confusion(&out.join("confusion_matrix.png"), m)?;
@@ -400,7 +412,6 @@ pub fn write_outputs(
         let predicted: Vec<usize> = (0..K)
             .map(|p| (0..K).map(|t| m.confusion[t][p]).sum())
             .collect();
-        let _ = ds;
         plot::distribution(
             &out.join("class_distribution.png"),
             &truth,

@@ -203,6 +203,7 @@ fn train_export_parity_eval_resume() {
         "best.bpk",
         "checkpoint/state.json",
         "eval/metrics.json",
+        "eval/predictions.csv",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }

@@ -650,7 +650,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             ..Default::default()
         };
         let mut classifier = Classifier::load(&onnx_path, &copts)?;
-        let (metrics, ips) = crate::eval::evaluate(&mut classifier, &splits.test, 64)?;
+        let (probs, ips) = crate::eval::predict(&mut classifier, &splits.test, 64)?;
+        let metrics = Metrics::from_probabilities(&splits.test, &probs);
         eprintln!(
             "Held-out evaluation on {} ({}):\n{}",
             splits.test_name,
@@ -668,7 +669,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         crate::eval::write_outputs(
             &out.join("eval"),
             &report,
-            Some(&splits.test),
+            Some((&splits.test, &probs)),
             Some(&out.join("history.json")),
             !args.no_plots,
         )?;
