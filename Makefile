@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= $(shell command -v cargo 2>/dev/null || echo $(HOME)/.cargo/bin/cargo)
 
-.PHONY: run test deps build validate bench clean model
+.PHONY: run test deps build lint validate bench clean model
 
 deps:
 	deploy/install-deps.sh
@@ -19,6 +19,11 @@ run: build
 test: deps
 	deploy/install-test-tools.sh
 	PATH="$(CURDIR)/.cache/test-tools/bin:$$PATH" $(CARGO) test --locked -- --test-threads=2
+
+# Formatting and clippy, warnings as errors (needs the rustfmt and clippy components).
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 validate: build
 	target/release/emotiond validate $(if $(CONFIG),--config $(CONFIG),)

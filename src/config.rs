@@ -703,10 +703,10 @@ impl Config {
                 errs.push(format!("{key} = {v}: must be between 0 and 1"));
             }
         }
-        if let Some(m) = d.margin {
-            if !(0.0..=1.0).contains(&m) {
-                errs.push(format!("detect.margin = {m}: must be between 0 and 1"));
-            }
+        if let Some(m) = d.margin
+            && !(0.0..=1.0).contains(&m)
+        {
+            errs.push(format!("detect.margin = {m}: must be between 0 and 1"));
         }
         if d.max_side < 64 {
             errs.push(format!(
@@ -944,8 +944,10 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let mut m = MqttConfig::default();
-        m.password = Some(Secret("hunter2".into()));
+        let m = MqttConfig {
+            password: Some(Secret("hunter2".into())),
+            ..Default::default()
+        };
         assert!(!format!("{m:?}").contains("hunter2"));
     }
 }

@@ -94,7 +94,9 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fuzz.toml");
         std::fs::write(&path, &bytes).unwrap();
-        let _ = Config::load(Some(&path)).map(|c| c.validate());
+        if let Ok(c) = Config::load(Some(&path)) {
+            let _ = c.validate();
+        }
     }
 
     #[test]

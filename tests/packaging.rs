@@ -58,10 +58,8 @@ fn skip(why: &str) {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
 }
 
 fn text(b: &[u8]) -> String {
@@ -688,10 +686,11 @@ fn packaged_config_covers_every_key_of_the_repository_config() {
                 section = l.trim_matches(|c| c == '[' || c == ']').to_string();
                 continue;
             }
-            if let Some((k, _)) = l.split_once(" = ") {
-                if !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-                    out.insert(format!("{section}.{k}"));
-                }
+            if let Some((k, _)) = l.split_once(" = ")
+                && !k.is_empty()
+                && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            {
+                out.insert(format!("{section}.{k}"));
             }
         }
         out

@@ -87,6 +87,8 @@ pub fn build_session(
         path: path.to_owned(),
         reason: e,
     };
+    // ort's builder error carries the builder back (large); it is turned into our error at once.
+    #[allow(clippy::result_large_err)]
     let mut builder = Session::builder(&env)
         .map_err(|e| load(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::Level3)

@@ -506,6 +506,9 @@ pub fn write_onnx(
     std::fs::rename(&tmp, path)
 }
 
+/// The next stored tensor, checked against the shape the architecture wants.
+type NextTensor<'a> = dyn FnMut(&[usize]) -> Result<Vec<f32>, String> + 'a;
+
 /// Loads the weights of an ONNX file that [`to_onnx`] wrote for the same architecture and head into `model`,
 /// so a shipped model can be fine-tuned (`emotiond train --init`). The export folded every batch norm into the
 /// layer before it, so each batch norm comes back as the exact identity plus the folded bias (`γ = √(1+ε)`,
@@ -582,7 +585,7 @@ pub fn load_weights(
     };
     let load_conv = |conv: &mut Conv2d,
                      bn: Option<&mut BatchNorm>,
-                     next: &mut dyn FnMut(&[usize]) -> Result<Vec<f32>, String>|
+                     next: &mut NextTensor<'_>|
      -> Result<(), String> {
         let dims = conv.weight.dims();
         let w = next(&dims)?;
@@ -611,9 +614,7 @@ pub fn load_weights(
         Some(&mut model.head_conv.bn),
         &mut next,
     )?;
-    let load_linear = |l: &mut Linear,
-                       next: &mut dyn FnMut(&[usize]) -> Result<Vec<f32>, String>|
-     -> Result<(), String> {
+    let load_linear = |l: &mut Linear, next: &mut NextTensor<'_>| -> Result<(), String> {
         let dims = l.weight.dims();
         let w = next(&dims)?;
         let b = next(&[dims[1]])?;
@@ -627,7 +628,6 @@ pub fn load_weights(
         identity_bn(bn, vec![0.0; n]);
         load_linear(fc2, &mut next)?;
     }
-    drop(next);
     if let Some(t) = tensors.next() {
         return Err(format!(
             "the file has more layers than the chosen architecture (`{}` is left over)",
