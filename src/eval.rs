@@ -3,8 +3,8 @@
 //! In: a model (`Classifier::load`, ONNX metadata or sidecar) and a data set (FER-2013 CSV, Kaggle folders, or
 //! folder-per-class; see `train::data`). Every image goes through `crop_to_input` → `normalize_into` →
 //! `Classifier::run`, exactly as in serving. Out: accuracy, macro-F1, per-class precision/recall/F1 and the
-//! confusion matrix on stdout; `metrics.json`, per-image `predictions.csv` and PNG plots (confusion matrix, class distribution, training
-//! curves when a `history.json` training log is found) in the output folder.
+//! confusion matrix on stdout; `metrics.json`, per-image `predictions.csv` and PNG plots (confusion matrix, class
+//! distribution, training curves when a `history.json` training log is found) in the output folder.
 
 use std::path::{Path, PathBuf};
 
