@@ -73,7 +73,7 @@ pub fn run(config: &Config, args: &BenchArgs) -> Result<()> {
                 frames.push(f);
                 t = Instant::now();
             }
-            Pulled::Idle => continue,
+            Pulled::Idle | Pulled::Skipped => continue,
             Pulled::End => break,
         }
     }

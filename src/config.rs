@@ -178,7 +178,9 @@ impl CameraConfig {
 
     /// The stall limit, if any.
     pub fn stall_timeout(&self) -> Option<Duration> {
-        (self.stall_timeout_s > 0.0).then(|| Duration::from_secs_f64(self.stall_timeout_s))
+        (self.stall_timeout_s > 0.0)
+            .then(|| Duration::try_from_secs_f64(self.stall_timeout_s).ok())
+            .flatten()
     }
 
     /// The source, with plain paths turned into absolute `file://` URIs.
@@ -669,16 +671,17 @@ impl Config {
             if let Err(e) = cam.source() {
                 errs.push(e);
             }
-            if !(cam.stall_timeout_s >= 0.0 && cam.stall_timeout_s.is_finite()) {
+            // Bounded so that the durations made of them exist (a day; a frame a day).
+            if !(0.0..=86_400.0).contains(&cam.stall_timeout_s) {
                 errs.push(format!(
-                    "camera `{}`: stall_timeout_s must be 0 (never) or positive",
-                    cam.id
+                    "camera `{}`: stall_timeout_s = {}: must be 0 (never) or positive, at most 86400 (a day)",
+                    cam.id, cam.stall_timeout_s
                 ));
             }
-            if !(cam.max_fps >= 0.0 && cam.max_fps.is_finite()) {
+            if !(cam.max_fps == 0.0 || (1.0 / 86_400.0..=1000.0).contains(&cam.max_fps)) {
                 errs.push(format!(
-                    "camera `{}`: max_fps must be 0 (unlimited) or positive",
-                    cam.id
+                    "camera `{}`: max_fps = {}: must be 0 (unlimited) or between 1/86400 and 1000",
+                    cam.id, cam.max_fps
                 ));
             }
         }
@@ -837,6 +840,36 @@ mod tests {
             "/nonexistent.mp4",
         ] {
             assert!(e.contains(needle), "missing {needle} in {e}");
+        }
+    }
+
+    #[test]
+    fn camera_durations_are_bounded() {
+        for (stall, fps, bad) in [
+            (1e20, 0.0, Some("stall_timeout_s = 100000000000000000000")),
+            (-1.0, 0.0, Some("stall_timeout_s = -1")),
+            (
+                10.0,
+                1e-30,
+                Some("max_fps = 0.000000000000000000000000000001"),
+            ),
+            (10.0, f64::NAN, Some("max_fps = NaN")),
+            (10.0, 5000.0, Some("max_fps = 5000")),
+            (0.0, 0.0, None),
+            (86_400.0, 0.05, None),
+        ] {
+            let mut c = Config::default();
+            let mut cam = CameraConfig::from_uri("cam", "media/sample.mp4");
+            cam.stall_timeout_s = stall;
+            cam.max_fps = fps;
+            c.cameras.push(cam);
+            match (c.validate(), bad) {
+                (Ok(()), None) => {}
+                (Err(e), Some(needle)) => {
+                    assert!(e.to_string().contains(needle), "{needle} not in {e}")
+                }
+                (r, _) => panic!("stall {stall}, max_fps {fps}: {r:?}"),
+            }
         }
     }
 

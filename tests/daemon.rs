@@ -323,3 +323,62 @@ fn sighup_rejects_a_broken_config_then_hot_swaps_the_model_and_metrics_report_it
     );
     assert!(log.contains("Model reloaded"), "{log}");
 }
+
+/// A reload swaps the model while a camera thread may hold crops made for the old one. The inference thread must
+/// turn those away (the camera then crops again) instead of running a tensor of the wrong size, which used to
+/// kill the thread; and the served contract must change at the moment the model does.
+#[test]
+fn model_swap_turns_away_crops_made_for_the_old_model() {
+    use emotiond::model::{Classifier, ClassifierOptions};
+    use emotiond::pipeline::classify::{self, BatchPolicy, ClassifyError};
+    ort_library();
+    let opts = ClassifierOptions::default();
+    let old = Classifier::load("models/fer2013_mini_xception_64.onnx".as_ref(), &opts).unwrap();
+    let new =
+        Classifier::load("models/fer2013_efficientnet_lite0_96.onnx".as_ref(), &opts).unwrap();
+    let policy = BatchPolicy {
+        max_batch: 8,
+        max_delay: Duration::from_millis(1),
+    };
+    let (handle, thread) = classify::spawn(old, policy, None).unwrap();
+    let old_spec = handle.spec();
+    let crops = |spec: &emotiond::model::ModelSpec, n: usize| vec![0.5f32; n * spec.input_len()];
+    assert_eq!(
+        handle
+            .classify(&old_spec, crops(&old_spec, 2), 2)
+            .unwrap()
+            .len(),
+        2
+    );
+
+    handle.swap(new).unwrap();
+    let new_spec = handle.spec();
+    assert_eq!(
+        new_spec.input_size, 96,
+        "the contract switches with the model"
+    );
+    assert_ne!(old_spec.input_len(), new_spec.input_len());
+    assert!(matches!(
+        handle.classify(&old_spec, crops(&old_spec, 1), 1),
+        Err(ClassifyError::ModelChanged)
+    ));
+    // A malformed request is an error for its sender only.
+    assert!(matches!(
+        handle.classify(&new_spec, vec![0.0; 5], 1),
+        Err(ClassifyError::Inference(_))
+    ));
+    let probs = handle.classify(&new_spec, crops(&new_spec, 3), 3).unwrap();
+    assert_eq!(probs.len(), 3);
+    assert!(
+        probs
+            .iter()
+            .all(|p| p.len() == 7 && (p.iter().sum::<f32>() - 1.0).abs() < 1e-4)
+    );
+    drop(handle);
+    thread.join().expect("the inference thread ends cleanly");
+    assert!(
+        !emotiond::telemetry::metrics()
+            .inference_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+}

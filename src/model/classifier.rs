@@ -215,11 +215,15 @@ impl Classifier {
     pub fn run(&mut self, inputs: Vec<f32>) -> Result<Vec<Vec<f32>>, ClassifierError> {
         let per = self.spec.input_len();
         let n = inputs.len() / per;
-        assert_eq!(
-            n * per,
-            inputs.len(),
-            "Classifier::run: partial input: this is a bug"
-        );
+        if n * per != inputs.len() {
+            return Err(ClassifierError::Run {
+                path: self.path.clone(),
+                reason: format!(
+                    "{} input values are not a whole number of {per}-value images",
+                    inputs.len()
+                ),
+            });
+        }
         if n == 0 {
             return Ok(Vec::new());
         }

@@ -5,16 +5,21 @@
 //! its first request has waited `max_delay`, whichever comes first.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::model::{Classifier, ModelSpec};
+use crate::telemetry::metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
     #[error("the inference thread has stopped")]
     Stopped,
+    /// The model was replaced after the crops were made for the old one; make them again for [`ClassifierHandle::spec`].
+    #[error("the model changed while the crops were being prepared")]
+    ModelChanged,
     #[error("{0}")]
     Inference(String),
 }
@@ -23,7 +28,9 @@ enum Msg {
     Classify {
         inputs: Vec<f32>,
         count: usize,
-        reply: SyncSender<Result<Vec<Vec<f32>>, String>>,
+        /// The contract the crops were made for; a request for a replaced model is turned away.
+        spec: Arc<ModelSpec>,
+        reply: SyncSender<Result<Vec<Vec<f32>>, ClassifyError>>,
     },
     /// Replace the model between batches (config reload); frames in flight finish on the old one.
     Swap(Box<Classifier>, SyncSender<()>),
@@ -56,8 +63,14 @@ impl ClassifierHandle {
         self.spec.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Classifies `count` preprocessed crops; blocks until their batch has run.
-    pub fn classify(&self, inputs: Vec<f32>, count: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+    /// Classifies `count` crops preprocessed for `spec` (what [`ClassifierHandle::spec`] returned); blocks until
+    /// their batch has run. [`ClassifyError::ModelChanged`] when the model was swapped in between.
+    pub fn classify(
+        &self,
+        spec: &Arc<ModelSpec>,
+        inputs: Vec<f32>,
+        count: usize,
+    ) -> Result<Vec<Vec<f32>>, ClassifyError> {
         if count == 0 {
             return Ok(Vec::new());
         }
@@ -66,24 +79,21 @@ impl ClassifierHandle {
             .send(Msg::Classify {
                 inputs,
                 count,
+                spec: spec.clone(),
                 reply,
             })
             .map_err(|_| ClassifyError::Stopped)?;
-        rx.recv()
-            .map_err(|_| ClassifyError::Stopped)?
-            .map_err(ClassifyError::Inference)
+        rx.recv().map_err(|_| ClassifyError::Stopped)?
     }
 
-    /// Serves `next` from the next batch on.
+    /// Serves `next` from the next batch on. The inference thread switches the served contract at the moment it
+    /// switches models, so a crop made for the old model is never run on the new one.
     pub fn swap(&self, next: Classifier) -> Result<(), ClassifyError> {
-        let spec = Arc::new(next.spec().clone());
         let (done, rx) = mpsc::sync_channel(1);
         self.tx
             .send(Msg::Swap(Box::new(next), done))
             .map_err(|_| ClassifyError::Stopped)?;
-        rx.recv().map_err(|_| ClassifyError::Stopped)?;
-        *self.spec.write().unwrap_or_else(|p| p.into_inner()) = spec;
-        Ok(())
+        rx.recv().map_err(|_| ClassifyError::Stopped)
     }
 }
 
@@ -97,16 +107,35 @@ pub fn spawn(
     let spec = Arc::new(std::sync::RwLock::new(Arc::new(classifier.spec().clone())));
     let join = std::thread::Builder::new()
         .name("inference".into())
-        .spawn(move || run(classifier, rx, policy, observer))?;
+        .spawn({
+            let spec = spec.clone();
+            move || {
+                let _watch = PanicWatch;
+                run(classifier, spec, rx, policy, observer)
+            }
+        })?;
     Ok((ClassifierHandle { tx, spec }, join))
+}
+
+/// Marks the process unhealthy (`/healthz`, the systemd watchdog) when the inference thread unwinds.
+struct PanicWatch;
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            metrics().inference_failed.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 fn run(
     mut classifier: Classifier,
+    shared: Arc<std::sync::RwLock<Arc<ModelSpec>>>,
     rx: Receiver<Msg>,
     policy: BatchPolicy,
     observer: Option<Box<dyn Fn(BatchStats) + Send>>,
 ) {
+    let mut current = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
     let mut pending: Option<Msg> = None;
     loop {
         let first = match pending.take() {
@@ -120,6 +149,8 @@ fn run(
             Msg::Swap(next, done) => {
                 tracing::info!(model = %next.path().display(), provider = next.provider(), "Now classifying with a new model.");
                 classifier = *next;
+                current = Arc::new(classifier.spec().clone());
+                *shared.write().unwrap_or_else(|p| p.into_inner()) = current.clone();
                 let _ = done.send(());
                 continue;
             }
@@ -142,18 +173,35 @@ fn run(
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        let mut inputs = Vec::with_capacity(faces * classifier.spec().input_len());
+        let mut inputs = Vec::with_capacity(faces * current.input_len());
         let mut replies = Vec::with_capacity(batch.len());
+        let mut faces = 0;
         for m in batch {
             if let Msg::Classify {
                 inputs: i,
                 count,
+                spec,
                 reply,
             } = m
             {
-                inputs.extend_from_slice(&i);
-                replies.push((count, reply));
+                // Prepared before the last swap, or malformed: its tensor would not fit this model.
+                if !Arc::ptr_eq(&spec, &current) {
+                    let _ = reply.send(Err(ClassifyError::ModelChanged));
+                } else if i.len() != count * current.input_len() {
+                    let _ = reply.send(Err(ClassifyError::Inference(format!(
+                        "{} values for {count} crops of {} each",
+                        i.len(),
+                        current.input_len()
+                    ))));
+                } else {
+                    inputs.extend_from_slice(&i);
+                    faces += count;
+                    replies.push((count, reply));
+                }
             }
+        }
+        if replies.is_empty() {
+            continue;
         }
         let started = Instant::now();
         let result = classifier.run(inputs);
@@ -173,7 +221,7 @@ fn run(
             Err(e) => {
                 let msg = e.to_string();
                 for (_, reply) in replies {
-                    let _ = reply.send(Err(msg.clone()));
+                    let _ = reply.send(Err(ClassifyError::Inference(msg.clone())));
                 }
             }
         }

@@ -149,22 +149,32 @@ impl FrameProcessor {
         let dets = self.detector.detect(img)?;
         times.detect = t.elapsed();
 
-        let spec = self.classifier.spec();
-        // The crop must match what the model was trained on: the config may override the model's margin.
-        let margin = self.margin.or(spec.crop_margin).unwrap_or(0.1);
-        let t = Instant::now();
-        self.inputs.clear();
-        for d in &dets {
-            let rect = face_crop_rect(w, h, d.bbox, margin, self.square);
-            crop_to_input(img, rect, &spec, &mut self.inputs)?;
-        }
-        times.preprocess = t.elapsed();
+        // A model swap (config reload) between cropping and classifying turns the crops away; they are made
+        // once more for the new model. Swaps are seconds apart, so a second turn-away cannot happen in practice.
+        let mut attempts = 0;
+        let (spec, probs) = loop {
+            attempts += 1;
+            let spec = self.classifier.spec();
+            // The crop must match what the model was trained on: the config may override the model's margin.
+            let margin = self.margin.or(spec.crop_margin).unwrap_or(0.1);
+            let t = Instant::now();
+            self.inputs.clear();
+            for d in &dets {
+                let rect = face_crop_rect(w, h, d.bbox, margin, self.square);
+                crop_to_input(img, rect, &spec, &mut self.inputs)?;
+            }
+            times.preprocess += t.elapsed();
 
-        let t = Instant::now();
-        let probs = self
-            .classifier
-            .classify(std::mem::take(&mut self.inputs), dets.len())?;
-        times.classify = t.elapsed();
+            let t = Instant::now();
+            let r = self
+                .classifier
+                .classify(&spec, std::mem::take(&mut self.inputs), dets.len());
+            times.classify += t.elapsed();
+            match r {
+                Err(classify::ClassifyError::ModelChanged) if attempts < 3 => continue,
+                r => break (spec, r?),
+            }
+        };
 
         let mut result = FrameResult::new(&self.node, frame, w as u32, h as u32);
         for (d, p) in dets.iter().zip(&probs) {
@@ -289,6 +299,10 @@ pub fn run_camera(
             stats.beat();
             let failure = match src.next(Duration::from_millis(100)) {
                 Ok(Pulled::Frame(f)) => Ok(f),
+                Ok(Pulled::Skipped) => {
+                    last_frame = Instant::now();
+                    continue;
+                }
                 Ok(Pulled::Idle) => match cam.stall_timeout() {
                     Some(limit) if last_frame.elapsed() > limit => Err(format!(
                         "camera `{camera}`: no frame for {:.0} s (stalled)",

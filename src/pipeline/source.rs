@@ -45,6 +45,8 @@ pub enum Pulled {
     Frame(Frame),
     /// No frame within the poll interval (caller checks for shutdown and stalls).
     Idle,
+    /// A frame arrived and was skipped by the `max_fps` cap: the camera is alive, there is nothing to process.
+    Skipped,
     /// The stream ended and does not loop.
     End,
 }
@@ -55,8 +57,11 @@ pub struct Source {
     sink: gst_app::AppSink,
     looping: bool,
     realtime: bool,
-    /// A camera or network stream (not a file): timestamps always follow the clock.
+    /// A camera or network stream (not a file): timestamps always follow the clock, and its end is a failure
+    /// to reconnect from.
     live: bool,
+    /// Whether `live` is settled; a custom pipeline's is asked of GStreamer once it runs ([`Source::probe_live`]).
+    live_known: bool,
     min_interval: Option<Duration>,
     last_pts: Option<gst::ClockTime>,
     last_emit: Option<Instant>,
@@ -126,6 +131,7 @@ impl Source {
         sink.set_sync(cam.realtime && is_file);
         let is_live_uri = matches!(&kind, SourceKind::Uri(u) if !u.starts_with("file://"));
         let live = is_live_uri || matches!(kind, SourceKind::Device(_));
+        let live_known = !matches!(kind, SourceKind::Pipeline(_));
         let arrived = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         if let Some(pad) = sink.static_pad("sink") {
             let counter = arrived.clone();
@@ -142,7 +148,10 @@ impl Source {
             looping: cam.looping,
             realtime: cam.realtime,
             live,
-            min_interval: (cam.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / cam.max_fps)),
+            live_known,
+            min_interval: (cam.max_fps > 0.0)
+                .then(|| Duration::try_from_secs_f64(1.0 / cam.max_fps).ok())
+                .flatten(),
             last_pts: None,
             last_emit: None,
             seq: 0,
@@ -207,6 +216,7 @@ impl Source {
             }
             return Ok(Pulled::Idle);
         };
+        self.probe_live();
         let buffer = sample
             .buffer()
             .ok_or_else(|| self.frame_err("sample without buffer"))?;
@@ -220,7 +230,7 @@ impl Source {
             };
             if too_soon {
                 self.skipped += 1;
-                return Ok(Pulled::Idle);
+                return Ok(Pulled::Skipped);
             }
         }
         let caps = sample
@@ -262,7 +272,27 @@ impl Source {
         }))
     }
 
+    /// Settles whether a custom pipeline is live by asking it (a latency query: `v4l2src`, `rtspsrc`,
+    /// `videotestsrc is-live=true` are; `filesrc` is not). Answerable once data flows.
+    fn probe_live(&mut self) {
+        if self.live_known {
+            return;
+        }
+        // Asked upstream of the appsink: an unsynchronised sink answers "not live" for the whole pipeline.
+        let mut q = gst::query::Latency::new();
+        if self
+            .sink
+            .static_pad("sink")
+            .is_some_and(|pad| pad.peer_query(&mut q))
+        {
+            self.live = q.result().0;
+            self.live_known = true;
+            tracing::debug!(camera = %self.camera, live = self.live, "Custom pipeline probed.");
+        }
+    }
+
     fn end_of_stream(&mut self) -> Result<Pulled, SourceError> {
+        self.probe_live();
         if self.live {
             // A camera or network stream has no end: EOS means it went away, so the caller reconnects.
             return Err(SourceError::Stream {
@@ -339,5 +369,72 @@ impl Source {
 impl Drop for Source {
     fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A camera reading `pipeline` as fast as possible (every frame, nothing dropped).
+    fn custom(pipeline: &str, max_fps: f64) -> CameraConfig {
+        CameraConfig {
+            uri: None,
+            pipeline: Some(pipeline.into()),
+            realtime: false,
+            max_fps,
+            ..CameraConfig::from_uri("t", "unused")
+        }
+    }
+
+    /// Pulls until the end; returns (frames, skipped, how it ended).
+    fn drain(cam: &CameraConfig) -> (u32, u32, Result<(), SourceError>) {
+        let mut src = Source::start(cam).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut frames, mut skipped) = (0, 0);
+        while Instant::now() < deadline {
+            match src.next(Duration::from_millis(100)) {
+                Ok(Pulled::Frame(_)) => frames += 1,
+                Ok(Pulled::Skipped) => skipped += 1,
+                Ok(Pulled::Idle) => {}
+                Ok(Pulled::End) => return (frames, skipped, Ok(())),
+                Err(e) => return (frames, skipped, Err(e)),
+            }
+        }
+        panic!("{:?} did not end", cam.pipeline);
+    }
+
+    #[test]
+    fn a_custom_pipeline_that_ends_is_a_failure_only_when_live() {
+        let p = |live: bool| {
+            format!(
+                "videotestsrc is-live={live} num-buffers=3 ! video/x-raw,width=64,height=48 ! videoconvert ! \
+                 appsink name=sink"
+            )
+        };
+        // Not live (like a file): its end is the end of the camera.
+        let (frames, _, end) = drain(&custom(&p(false), 0.0));
+        assert_eq!(frames, 3);
+        assert!(end.is_ok(), "{end:?}");
+        // Live (like a camera): its end is a failure the camera thread reconnects from.
+        let (frames, _, end) = drain(&custom(&p(true), 0.0));
+        assert_eq!(frames, 3);
+        let e = end
+            .expect_err("a live stream's end must be an error")
+            .to_string();
+        assert!(e.contains("EOS"), "{e}");
+    }
+
+    #[test]
+    fn frames_over_the_rate_cap_are_reported_as_skipped() {
+        // 30 frames/s of media time capped at 10: every third frame is processed, the others are skipped (the
+        // camera thread counts a skipped frame as a sign of life for its stall timer).
+        let (frames, skipped, end) = drain(&custom(
+            "videotestsrc num-buffers=9 ! video/x-raw,width=64,height=48,framerate=30/1 ! videoconvert ! \
+             appsink name=sink",
+            10.0,
+        ));
+        assert!(end.is_ok(), "{end:?}");
+        assert_eq!((frames, skipped), (3, 6));
     }
 }

@@ -15,9 +15,9 @@ use super::metrics;
 /// A camera thread that has not turned its loop for this long is wedged.
 pub const WEDGED_AFTER: Duration = Duration::from_secs(30);
 
-/// Every camera thread is alive (not wedged in detection, inference or GStreamer).
+/// Every camera thread is alive (not wedged in detection, inference or GStreamer), and so is the inference thread.
 pub fn healthy() -> Result<(), String> {
-    let wedged: Vec<String> = metrics()
+    let mut wedged: Vec<String> = metrics()
         .cameras()
         .into_iter()
         .filter(|(_, s)| s.since_beat() > WEDGED_AFTER)
@@ -28,6 +28,9 @@ pub fn healthy() -> Result<(), String> {
             )
         })
         .collect();
+    if metrics().inference_failed.load(Ordering::Relaxed) {
+        wedged.push("the inference thread has died".into());
+    }
     if wedged.is_empty() {
         Ok(())
     } else {

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub mqtt_connected: AtomicBool,
     pub model_loaded: AtomicBool,
     pub model_reloads: AtomicU64,
+    /// The inference thread died (panicked): faces can no longer be classified.
+    pub inference_failed: AtomicBool,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -120,6 +122,7 @@ pub fn metrics() -> &'static Metrics {
         mqtt_connected: AtomicBool::new(false),
         model_loaded: AtomicBool::new(false),
         model_reloads: AtomicU64::new(0),
+        inference_failed: AtomicBool::new(false),
     })
 }
 
