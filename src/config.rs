@@ -276,7 +276,8 @@ pub struct DetectConfig {
     pub nms_threshold: f32,
     /// Smallest face side in pixels of the full frame.
     pub min_face: u32,
-    /// Frames are downscaled so their longer side is at most this before detection; crops come from the full frame.
+    /// Haar only: frames are downscaled so their longer side is at most this before detection (YuNet always
+    /// works on a 640×640 letterbox); crops come from the full frame.
     pub max_side: u32,
     /// Margin around the face box, as a fraction of its side; unset = the model's own (`emotiond.crop_margin`), else 0.1.
     pub margin: Option<f32>,

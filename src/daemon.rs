@@ -326,31 +326,37 @@ async fn reload_loop(
             Err(e) => tracing::error!("Reload failed: {e}"),
         }
         let restart_needed: Vec<&str> = [
+            ("[cameras]", differs(&current.cameras, &next.cameras)),
+            ("[detect]", differs(&current.detect, &next.detect)),
+            ("[mqtt]", differs(&current.mqtt, &next.mqtt)),
+            ("[metrics]", differs(&current.metrics, &next.metrics)),
+            ("[log]", differs(&current.log, &next.log)),
+            ("node.id", current.node.id != next.node.id),
             (
-                "cameras",
-                format!("{:?}", current.cameras) != format!("{:?}", next.cameras),
+                "classify.max_batch",
+                current.classify.max_batch != next.classify.max_batch,
             ),
             (
-                "detect",
-                format!("{:?}", current.detect) != format!("{:?}", next.detect),
+                "classify.max_delay_ms",
+                current.classify.max_delay_ms != next.classify.max_delay_ms,
             ),
-            (
-                "mqtt",
-                format!("{:?}", current.mqtt) != format!("{:?}", next.mqtt),
-            ),
-            ("metrics", current.metrics != next.metrics),
-            ("node", current.node.id != next.node.id),
         ]
         .into_iter()
         .filter_map(|(k, changed)| changed.then_some(k))
         .collect();
         if !restart_needed.is_empty() {
             tracing::warn!(
-                "Changes to [{}] take effect at the next restart (systemctl restart emotiond).",
-                restart_needed.join("], [")
+                "Changes to {} take effect at the next restart (systemctl restart emotiond).",
+                restart_needed.join(", ")
             );
         }
         current = next;
         sd_notify::ready();
     }
+}
+
+/// Whether two config sections differ, compared by value (serialised: `Debug` hides secrets, so a new password
+/// would go unnoticed).
+fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
 }

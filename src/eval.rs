@@ -34,6 +34,9 @@ pub struct EvalArgs {
     /// With `--split val`: the training run's `--val-fraction`.
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f32,
+    /// With `--split val` on a plain folder: the training run's `--test-fraction`.
+    #[arg(long, default_value_t = 0.1)]
+    pub test_fraction: f32,
     /// With `--split val`: the training run's `--seed`.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -330,7 +333,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let mut classifier = Classifier::load(&args.model, &copts)?;
     let (ds, split) = match args.split.as_deref() {
-        Some("val") => data::load_validation(&args.data, &opts, args.val_fraction, args.seed)?,
+        Some("val") => data::load_validation(
+            &args.data,
+            &opts,
+            args.val_fraction,
+            args.test_fraction,
+            args.seed,
+        )?,
         part => data::load_eval(&args.data, &opts, part)?,
     };
     eprintln!(

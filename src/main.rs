@@ -30,7 +30,8 @@ enum Command {
         /// Image path, video path or URI (file://, rtsp://, http(s)://).
         input: String,
     },
-    /// Check the config and every file it names; start nothing. Exit status 1 when invalid.
+    /// Check the config and every file it names; start nothing. Exit status 1 when invalid, 2 when the file
+    /// cannot be read or parsed.
     Validate,
     /// Measure per-stage times and end-to-end frames/s and latency on a video; prints a table.
     Bench(emotiond::bench::BenchArgs),

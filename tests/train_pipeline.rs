@@ -146,6 +146,7 @@ fn eval_args(model: &Path, data: &Path) -> emotiond::eval::EvalArgs {
         format: emotiond::train::data::DataFormat::Auto,
         split: None,
         val_fraction: 0.1,
+        test_fraction: 0.1,
         seed: 42,
         label_map: None,
         ferplus: None,

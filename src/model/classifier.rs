@@ -26,7 +26,8 @@ pub enum ExecutionProvider {
     Cuda,
 }
 
-/// Session settings. Thread counts matter on small hosts: see DESIGN.md.
+/// Session settings. Thread counts matter on small hosts: one intra-op thread per core the host can spare for
+/// inference (`classify.threads`), one inter-op thread, no spinning.
 #[derive(Debug, Clone)]
 pub struct ClassifierOptions {
     pub ort_library: Option<PathBuf>,

@@ -374,7 +374,7 @@ pub fn run_camera(
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
                     dropped_since_warn += 1;
                     if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        tracing::warn!(camera = %camera, dropped = dropped_since_warn, "Results dropped: the MQTT queue is full (broker slow or away).");
+                        tracing::warn!(camera = %camera, dropped = dropped_since_warn, "Results dropped: the publisher's queue is full (the publisher or the spool's disk is stalled).");
                         dropped_since_warn = 0;
                         last_warn = Some(Instant::now());
                     }

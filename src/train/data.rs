@@ -292,16 +292,18 @@ pub fn load_eval(
     Ok((ds, name))
 }
 
-/// Loads the validation part `emotiond train --val-fraction F --seed S` holds out: its training part (for a
-/// plain folder, what remains after train's default 10 % test part), then the same stratified, seeded split.
+/// Loads the validation part `emotiond train --val-fraction F --test-fraction T --seed S` holds out: its
+/// training part (for a plain folder, what remains after the test part `T` of it), then the same stratified,
+/// seeded split.
 pub fn load_validation(
     path: &Path,
     opts: &LoadOptions,
     val_fraction: f32,
+    test_fraction: f32,
     seed: u64,
 ) -> Result<(Dataset, String), DataError> {
     let opts = LoadOptions {
-        test_fraction: 0.1,
+        test_fraction,
         seed,
         ..opts.clone()
     };

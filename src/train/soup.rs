@@ -5,9 +5,10 @@
 //! graph (runs that continued from one shared model with `--init`, so their weights lie in one basin), and
 //! optional weights. Out: one ONNX file whose weight and bias tensors are the weighted means of the inputs'
 //! (batch norms were folded into them at export, so each layer is the mean of the inputs' effective layers); its
-//! metadata keeps the shared serving contract, lists the ingredients (`emotiond.soup`) and their recipes. With
-//! `--data`, every ingredient and the soup are measured on the validation part the runs held out, through the
-//! daemon's path, and the soup's numbers go into its metadata, as `train` does for a run's best epoch.
+//! metadata keeps the shared serving contract and lists the ingredients and their recipes (`emotiond.recipe` =
+//! `{"soup": [...]}`). With `--data`, every ingredient and the soup are measured on the validation part the runs
+//! held out, through the daemon's path, and the soup's numbers go into its metadata, as `train` does for a run's
+//! best epoch.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,9 @@ pub struct SoupArgs {
     pub data: Option<PathBuf>,
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f32,
+    /// The runs' `--test-fraction` (plain folders only).
+    #[arg(long, default_value_t = 0.1)]
+    pub test_fraction: f32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// ONNX Runtime shared library (default: `ORT_DYLIB_PATH`, then the system's).
@@ -260,7 +264,13 @@ pub fn run(args: SoupArgs) -> anyhow::Result<()> {
             test_fraction: 0.0,
             seed: 0,
         };
-        let (ds, split) = data::load_validation(data_path, &opts, args.val_fraction, args.seed)?;
+        let (ds, split) = data::load_validation(
+            data_path,
+            &opts,
+            args.val_fraction,
+            args.test_fraction,
+            args.seed,
+        )?;
         eprintln!(
             "Measuring on {} ({split}): {} images.",
             data_path.display(),
