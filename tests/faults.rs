@@ -188,25 +188,25 @@ fn overload_drops_frames_at_the_source_and_latency_stays_bounded() {
     let pid = daemon.child.id();
     let rss_start = rss_kib(pid);
     let t0 = Instant::now();
+    let before = sub.received.len();
     sub.collect_until(Duration::from_secs(12), |_| false);
     let rss_end = rss_kib(pid);
     assert!(daemon.is_running());
 
-    // Latency from capture to arrival stays bounded: frames are dropped, not queued.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let recent: Vec<_> = sub
-        .emotions()
-        .into_iter()
-        .filter(|f| f.ts_ms + 5_000 > now_ms)
+    // Latency from capture to arrival at the subscriber stays bounded for every frame of the overloaded
+    // stretch: frames are dropped at the source, not queued anywhere on the way.
+    let steady: Vec<_> = sub.received[before..]
+        .iter()
+        .filter(|m| m.topic.ends_with("/emotions"))
         .collect();
-    assert!(!recent.is_empty());
-    for f in &recent {
+    assert!(steady.len() >= 5, "only {} frames in 12 s", steady.len());
+    for m in steady {
+        let f: emotiond::pipeline::messages::FrameResult =
+            serde_json::from_str(&m.payload).unwrap();
+        let delay = m.at_ms as i64 - f.ts_ms as i64;
         assert!(
-            f.latency_ms < 1000.0,
-            "frame {} waited {} ms",
+            (-50..2000).contains(&delay) && f.latency_ms < 1000.0,
+            "frame {} arrived {delay} ms after capture (in-daemon latency {} ms)",
             f.seq,
             f.latency_ms
         );

@@ -7,7 +7,8 @@
 //! card's PublicTest accuracy with a standard error of √(p(1−p)/64) ≈ 0.06 at p ≈ 0.65–0.70. The margin is two
 //! standard errors (0.12): a model or preprocessing regression that matters (a wrong colour order, a missing
 //! normalisation, a transposed layout) drops accuracy to 0.15–0.45 and fails, while the sampling noise of an
-//! unchanged model does not.
+//! unchanged model does not. Macro-F1 is printed, not asserted: with one or two crops of the rarer classes in 64 images, its
+//! noise is larger than any margin that could still catch a regression.
 
 mod common;
 
@@ -29,6 +30,8 @@ struct Card {
     publictest_macro_f1: f64,
     /// `emotiond.architecture` for the models we trained; `None` for the converted baseline.
     architecture: Option<&'static str>,
+    /// What names the model's row in the card's PublicTest comparison table.
+    row: &'static str,
 }
 
 const CARDS: &[Card] = &[
@@ -37,18 +40,21 @@ const CARDS: &[Card] = &[
         publictest_accuracy: 0.678,
         publictest_macro_f1: 0.660,
         architecture: Some("efficientnet-lite0"),
+        row: "= `fer2013_efficientnet_lite0_96.onnx`",
     },
     Card {
         file: "models/fer2013_efficientnet_lite0_64.onnx",
         publictest_accuracy: 0.663,
         publictest_macro_f1: 0.636,
         architecture: Some("efficientnet-lite0"),
+        row: "= `fer2013_efficientnet_lite0_64.onnx`",
     },
     Card {
         file: "models/fer2013_mini_xception_64.onnx",
         publictest_accuracy: 0.652,
         publictest_macro_f1: 0.619,
         architecture: None,
+        row: "bundled baseline mini-Xception 64 px",
     },
 ];
 
@@ -65,12 +71,25 @@ fn cards_state_the_numbers_the_tests_hold_them_to() {
             text.contains(name),
             "models/README.md has no card for {name}"
         );
-        for v in [c.publictest_accuracy, c.publictest_macro_f1] {
-            assert!(
-                text.contains(&format!("{v:.3}")),
-                "models/README.md does not state {v:.3} for {name}"
-            );
-        }
+        // The comparison table's row for this model: its accuracy and macro-F1 columns, in that order.
+        let row = text
+            .lines()
+            .find(|l| l.starts_with('|') && l.contains(c.row))
+            .unwrap_or_else(|| panic!("models/README.md has no table row with {:?}", c.row));
+        let cells: Vec<&str> = row
+            .split('|')
+            .map(|cell| cell.trim().trim_matches('*'))
+            .collect();
+        let want = [
+            format!("{:.3}", c.publictest_accuracy),
+            format!("{:.3}", c.publictest_macro_f1),
+        ];
+        assert!(
+            cells.windows(2).any(|w| w == want),
+            "the card's row for {name} does not state accuracy {} and macro-F1 {}: {row}",
+            want[0],
+            want[1]
+        );
     }
 }
 

@@ -153,6 +153,8 @@ pub struct Msg {
     pub topic: String,
     pub payload: String,
     pub retain: bool,
+    /// Wall-clock arrival time, milliseconds since the Unix epoch (comparable with a message's `ts_ms`).
+    pub at_ms: u64,
 }
 
 /// A real MQTT subscriber (rumqttc's blocking client) on `emotiond/#`.
@@ -185,6 +187,10 @@ impl Subscriber {
                             topic: p.topic.clone(),
                             payload: String::from_utf8_lossy(&p.payload).into_owned(),
                             retain: p.retain,
+                            at_ms: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap()
+                                .as_millis() as u64,
                         };
                         if tx.send(msg).is_err() {
                             return;
