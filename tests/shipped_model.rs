@@ -7,8 +7,8 @@
 //! card's PublicTest accuracy with a standard error of √(p(1−p)/64) ≈ 0.06 at p ≈ 0.65–0.70. The margin is two
 //! standard errors (0.12): a model or preprocessing regression that matters (a wrong colour order, a missing
 //! normalisation, a transposed layout) drops accuracy to 0.15–0.45 and fails, while the sampling noise of an
-//! unchanged model does not. Macro-F1 is printed, not asserted: with one or two crops of the rarer classes in 64 images, its
-//! noise is larger than any margin that could still catch a regression.
+//! unchanged model does not. Macro-F1 is printed, not asserted: with one or two crops of the rarer classes in
+//! 64 images, its noise is larger than any margin that could still catch a regression.
 
 mod common;
 
