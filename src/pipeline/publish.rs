@@ -261,7 +261,7 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
     if p.stats.left_in_spool > 0 {
         tracing::warn!(spool = %p.spool.dir().display(), messages = p.stats.left_in_spool, "Stopping with undelivered messages in the spool; they are sent after the next start.");
     }
-    if let Err(e) = p.spool.sync().and_then(|()| p.spool.persist_ack()) {
+    if let Err(e) = blocking(|| p.spool.sync().and_then(|()| p.spool.persist_ack())) {
         tracing::error!("{e}");
     }
     p.housekeeping(true);
@@ -472,7 +472,7 @@ impl Publisher {
     }
 
     fn flush_spool(&mut self) {
-        if let Err(e) = self.spool.flush() {
+        if let Err(e) = blocking(|| self.spool.flush()) {
             tracing::error!(
                 "Spool write failed; the latest results may be lost if the daemon dies now: {e}."
             );
@@ -570,7 +570,7 @@ impl Publisher {
                 // The old event loop is gone with everything queued in it: all of it is sent again.
                 self.forget_in_flight();
                 self.spool.rewind();
-                if let Err(e) = self.spool.persist_ack() {
+                if let Err(e) = blocking(|| self.spool.persist_ack()) {
                     tracing::error!("{e}");
                 }
             }
@@ -624,7 +624,7 @@ impl Publisher {
         while self.acked_ahead.remove(&cursor) {
             cursor += 1;
         }
-        if let Err(e) = self.spool.ack(cursor) {
+        if let Err(e) = blocking(|| self.spool.ack(cursor)) {
             tracing::error!("{e}");
         }
         // Segments dropped for space move the cursor too.
@@ -635,11 +635,11 @@ impl Publisher {
     /// Timer work: owed fsync, ack cursor, spool-full reports (`last`: at exit, report whatever is left).
     fn housekeeping(&mut self, last: bool) {
         if self.spool.sync_due()
-            && let Err(e) = self.spool.sync()
+            && let Err(e) = blocking(|| self.spool.sync())
         {
             tracing::error!("{e}");
         }
-        if let Err(e) = self.spool.persist_ack_if_due() {
+        if let Err(e) = blocking(|| self.spool.persist_ack_if_due()) {
             tracing::error!("{e}");
         }
         if last && self.lost_unlogged > 0 {
@@ -808,5 +808,15 @@ async fn drive(
                 return;
             }
         }
+    }
+}
+
+/// Runs spool file I/O (writes, fsync, segment removal), which blocks, so that it does not stall the runtime's
+/// other tasks: on the daemon's multi-thread runtime the worker hands them to another thread first.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
