@@ -130,7 +130,7 @@ pub struct CameraConfig {
     /// A custom GStreamer pipeline that ends in `appsink name=sink`.
     #[serde(default)]
     pub pipeline: Option<String>,
-    /// Process at most this many frames per second (0 = every frame).
+    /// Process at most this many frames per second (0 = every frame; else 1/86400 to 1000).
     #[serde(default)]
     pub max_fps: f64,
     /// Restart files from the beginning at their end (demo loops).
@@ -140,7 +140,7 @@ pub struct CameraConfig {
     /// previous one is processed are dropped. `false`: process every frame as fast as possible (batch jobs).
     #[serde(default = "yes")]
     pub realtime: bool,
-    /// Restart the camera's pipeline when no frame has arrived for this many seconds (0 = never).
+    /// Restart the camera's pipeline when no frame has arrived for this many seconds (0 = never; at most 86400).
     #[serde(default = "default_stall")]
     pub stall_timeout_s: f64,
 }

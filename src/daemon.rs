@@ -289,7 +289,7 @@ async fn stats_loop(
 /// keep running. An invalid config or model is rejected and the running one stays.
 async fn reload_loop(
     mut rx: mpsc::Receiver<()>,
-    mut current: Config,
+    started: Config,
     path: Option<PathBuf>,
     handle: ClassifierHandle,
 ) {
@@ -325,20 +325,25 @@ async fn reload_loop(
             Ok(Err(e)) => tracing::error!("Reload rejected, the running model stays: {e}"),
             Err(e) => tracing::error!("Reload failed: {e}"),
         }
+        // Against the configuration the daemon started with: these settings are still the running ones.
         let restart_needed: Vec<&str> = [
-            ("[cameras]", differs(&current.cameras, &next.cameras)),
-            ("[detect]", differs(&current.detect, &next.detect)),
-            ("[mqtt]", differs(&current.mqtt, &next.mqtt)),
-            ("[metrics]", differs(&current.metrics, &next.metrics)),
-            ("[log]", differs(&current.log, &next.log)),
-            ("node.id", current.node.id != next.node.id),
+            ("[cameras]", differs(&started.cameras, &next.cameras)),
+            ("[detect]", differs(&started.detect, &next.detect)),
+            ("[mqtt]", differs(&started.mqtt, &next.mqtt)),
+            ("[metrics]", differs(&started.metrics, &next.metrics)),
+            ("[log]", differs(&started.log, &next.log)),
+            ("node.id", started.node.id != next.node.id),
             (
                 "classify.max_batch",
-                current.classify.max_batch != next.classify.max_batch,
+                started.classify.max_batch != next.classify.max_batch,
+            ),
+            (
+                "classify.ort_library",
+                started.classify.ort_library != next.classify.ort_library,
             ),
             (
                 "classify.max_delay_ms",
-                current.classify.max_delay_ms != next.classify.max_delay_ms,
+                started.classify.max_delay_ms != next.classify.max_delay_ms,
             ),
         ]
         .into_iter()
@@ -350,7 +355,6 @@ async fn reload_loop(
                 restart_needed.join(", ")
             );
         }
-        current = next;
         sd_notify::ready();
     }
 }
@@ -359,4 +363,22 @@ async fn reload_loop(
 /// would go unnoticed).
 fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MqttConfig, Secret};
+
+    #[test]
+    fn a_new_password_is_a_change() {
+        let a = MqttConfig::default();
+        let b = MqttConfig {
+            password: Some(Secret("new".into())),
+            ..MqttConfig::default()
+        };
+        // `Debug` prints a password as `***`; the comparison must see through that.
+        assert!(differs(&a, &b));
+        assert!(!differs(&a, &a.clone()));
+    }
 }

@@ -294,7 +294,7 @@ pub fn write_predictions(path: &Path, ds: &Dataset, probs: &[[f32; K]]) -> anyho
         FER_LABELS.map(|l| format!("p_{l}")).join(",")
     );
     for (sample, p) in ds.samples.iter().zip(probs) {
-        let source = if sample.source.contains([',', '"']) {
+        let source = if sample.source.contains([',', '"', '\n', '\r']) {
             format!("\"{}\"", sample.source.replace('"', "\"\""))
         } else {
             sample.source.clone()

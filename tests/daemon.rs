@@ -296,7 +296,11 @@ fn sighup_rejects_a_broken_config_then_hot_swaps_the_model_and_metrics_report_it
     std::fs::write(dir.path().join("renamed.onnx.json"), sidecar).unwrap();
     std::fs::write(
         &cfg.path,
-        format!("{base}[classify]\nmodel = \"{}\"\n", model.display()),
+        // max_batch cannot change while running: the daemon must say so.
+        format!(
+            "{base}[classify]\nmodel = \"{}\"\nmax_batch = 3\n",
+            model.display()
+        ),
     )
     .unwrap();
     daemon.signal("HUP");
@@ -322,6 +326,10 @@ fn sighup_rejects_a_broken_config_then_hot_swaps_the_model_and_metrics_report_it
         "{log}"
     );
     assert!(log.contains("Model reloaded"), "{log}");
+    assert!(
+        log.contains("Changes to classify.max_batch take effect at the next restart"),
+        "{log}"
+    );
 }
 
 /// A reload swaps the model while a camera thread may hold crops made for the old one. The inference thread must

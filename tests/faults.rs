@@ -194,7 +194,8 @@ fn overload_drops_frames_at_the_source_and_latency_stays_bounded() {
     assert!(daemon.is_running());
 
     // Latency from capture to arrival at the subscriber stays bounded for every frame of the overloaded
-    // stretch: frames are dropped at the source, not queued anywhere on the way.
+    // stretch: frames are dropped at the source, not queued anywhere on the way (queued, the delay would grow
+    // by most of a second per second here, far past the bound within the 12 s).
     let steady: Vec<_> = sub.received[before..]
         .iter()
         .filter(|m| m.topic.ends_with("/emotions"))
@@ -205,7 +206,7 @@ fn overload_drops_frames_at_the_source_and_latency_stays_bounded() {
             serde_json::from_str(&m.payload).unwrap();
         let delay = m.at_ms as i64 - f.ts_ms as i64;
         assert!(
-            (-50..2000).contains(&delay) && f.latency_ms < 1000.0,
+            (-50..3000).contains(&delay) && f.latency_ms < 1000.0,
             "frame {} arrived {delay} ms after capture (in-daemon latency {} ms)",
             f.seq,
             f.latency_ms

@@ -32,7 +32,8 @@ enum Msg {
         spec: Arc<ModelSpec>,
         reply: SyncSender<Result<Vec<Vec<f32>>, ClassifyError>>,
     },
-    /// Replace the model between batches (config reload); frames in flight finish on the old one.
+    /// Replace the model between batches (config reload): the batch being gathered runs on the old model first;
+    /// requests cropped for the old model that arrive later are turned away and cropped again.
     Swap(Box<Classifier>, SyncSender<()>),
 }
 

@@ -226,14 +226,15 @@ pub async fn run(cfg: MqttConfig, node: String, mut rx: mpsc::Receiver<Outgoing>
     loop {
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(m) => {
+                // Appending may rotate a segment (write, fsync, create) and flushing writes: disk work.
+                Some(m) => blocking(|| {
                     p.take(m);
                     // Everything already waiting goes into the same batch: one write(2) for all of them.
                     while let Ok(m) = rx.try_recv() {
                         p.take(m);
                     }
                     p.flush_spool();
-                }
+                }),
                 None => break,
             },
             Some(ev) = link_rx.recv() => p.on_link(ev),
@@ -472,7 +473,7 @@ impl Publisher {
     }
 
     fn flush_spool(&mut self) {
-        if let Err(e) = blocking(|| self.spool.flush()) {
+        if let Err(e) = self.spool.flush() {
             tracing::error!(
                 "Spool write failed; the latest results may be lost if the daemon dies now: {e}."
             );
@@ -498,7 +499,7 @@ impl Publisher {
             if outstanding >= self.window {
                 return;
             }
-            let recs = match self.spool.read_next(self.window - outstanding) {
+            let recs = match blocking(|| self.spool.read_next(self.window - outstanding)) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!("Reading the spool failed: {e}.");
@@ -624,7 +625,7 @@ impl Publisher {
         while self.acked_ahead.remove(&cursor) {
             cursor += 1;
         }
-        if let Err(e) = blocking(|| self.spool.ack(cursor)) {
+        if let Err(e) = self.spool.ack(cursor) {
             tracing::error!("{e}");
         }
         // Segments dropped for space move the cursor too.
@@ -639,7 +640,7 @@ impl Publisher {
         {
             tracing::error!("{e}");
         }
-        if let Err(e) = blocking(|| self.spool.persist_ack_if_due()) {
+        if let Err(e) = self.spool.persist_ack_if_due() {
             tracing::error!("{e}");
         }
         if last && self.lost_unlogged > 0 {
@@ -811,8 +812,9 @@ async fn drive(
     }
 }
 
-/// Runs spool file I/O (writes, fsync, segment removal), which blocks, so that it does not stall the runtime's
-/// other tasks: on the daemon's multi-thread runtime the worker hands them to another thread first.
+/// Runs spool file I/O that may block (appends that rotate a segment, flushes, replay reads, fsync) so that it
+/// does not stall the runtime's other tasks: on the daemon's multi-thread runtime the worker hands them to
+/// another thread first. Memory-only bookkeeping (acknowledgements) stays outside: each call costs a hand-over.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
