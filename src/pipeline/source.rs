@@ -280,15 +280,16 @@ impl Source {
         }
         // Asked upstream of the appsink: an unsynchronised sink answers "not live" for the whole pipeline.
         let mut q = gst::query::Latency::new();
+        // Asked once: a pipeline that cannot answer while data flows will not later, and counts as not live.
+        self.live_known = true;
         if self
             .sink
             .static_pad("sink")
             .is_some_and(|pad| pad.peer_query(&mut q))
         {
             self.live = q.result().0;
-            self.live_known = true;
-            tracing::debug!(camera = %self.camera, live = self.live, "Custom pipeline probed.");
         }
+        tracing::debug!(camera = %self.camera, live = self.live, "Custom pipeline probed.");
     }
 
     fn end_of_stream(&mut self) -> Result<Pulled, SourceError> {
