@@ -623,3 +623,43 @@ fn init_from_export_round_trips() {
         assert!(err.contains("emotiond.architecture"), "{err}");
     }
 }
+
+#[test]
+fn ferplus_blend_is_checked_before_training() {
+    // The weight is bounded at parse time.
+    for bad in ["0", "1.5", "x"] {
+        let err = Cli::try_parse_from(["train", "--data", "d", "--ferplus-weight", bad])
+            .err()
+            .unwrap_or_else(|| panic!("--ferplus-weight {bad} was accepted"))
+            .to_string();
+        assert!(err.contains("(0, 1]"), "{err}");
+    }
+    // Votes for other images than the data set's: a blend that would change nothing is an error naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    make_dataset(dir.path(), 4, 1);
+    let votes = dir.path().join("votes.csv");
+    std::fs::write(
+        &votes,
+        "jpeg_path,ferplus_image,rmse,ambiguous_duplicate,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n\
+         train/angry/Training_1.jpg,a.png,1,0,2,0,0,0,8,0,0,0,0,0\n",
+    )
+    .unwrap();
+    let a = args(
+        dir.path(),
+        &dir.path().join("run"),
+        &[
+            "--ferplus",
+            votes.to_str().unwrap(),
+            "--ferplus-weight",
+            "0.3",
+        ],
+    );
+    let err = emotiond::train::train(&a)
+        .err()
+        .expect("no vote matched, yet training ran");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("votes.csv") && msg.contains("no training image matched"),
+        "{msg}"
+    );
+}

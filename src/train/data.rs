@@ -580,6 +580,9 @@ pub fn load_ferplus(path: &Path) -> Result<HashMap<String, [f32; K]>, DataError>
                 format!("{} fields, expected {}", f.len(), cols.len()),
             ));
         }
+        if idx.iter().all(|&c| f[c].is_empty()) {
+            continue; // a JPEG the FER+ release has no image for: no votes, no label
+        }
         let mut v = [0.0f32; K];
         for (k, &c) in idx.iter().enumerate() {
             v[k] = f[c]
@@ -618,6 +621,30 @@ pub fn apply_ferplus(ds: &mut Dataset, votes: &HashMap<String, [f32; K]>) {
         }
     });
     ds.skipped += before - ds.samples.len();
+}
+
+/// Blends vote distributions into the targets, `target = (1 − weight)·target + weight·votes`, keeping each
+/// sample's label (what accuracy scores) and every sample (those without usable votes keep their target).
+/// Returns how many samples had votes.
+pub fn blend_ferplus(
+    samples: &mut [Sample],
+    votes: &HashMap<String, [f32; K]>,
+    weight: f32,
+) -> usize {
+    let mut matched = 0;
+    for s in samples {
+        let name = Path::new(&s.source)
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if let Some(v) = votes.get(&s.source).or_else(|| votes.get(&name)) {
+            for (t, &p) in s.target.iter_mut().zip(v) {
+                *t = (1.0 - weight) * *t + weight * p;
+            }
+            matched += 1;
+        }
+    }
+    matched
 }
 
 pub fn argmax(v: &[f32]) -> usize {
@@ -791,10 +818,12 @@ mod tests {
             &p,
             "jpeg_path,ferplus_image,rmse,ambiguous_duplicate,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n\
              train/angry/a.jpg,x.png,1,0,2,0,0,0,8,0,0,0,0,0\n\
-             train/angry/b.jpg,y.png,1,0,0,0,0,0,0,0,0,0,0,10\n",
+             train/angry/b.jpg,y.png,1,0,0,0,0,0,0,0,0,0,0,10\n\
+             train/angry/c.jpg,,12.5,,,,,,,,,,,\n",
         )
         .unwrap();
         let votes = load_ferplus(&p).unwrap();
+        assert!(!votes.contains_key("train/angry/c.jpg"));
         let v = votes["train/angry/a.jpg"];
         assert!((v[0] - 0.8).abs() < 1e-6 && (v[6] - 0.2).abs() < 1e-6);
         assert!(!votes.contains_key("train/angry/b.jpg"));
@@ -812,6 +841,27 @@ mod tests {
         };
         apply_ferplus(&mut ds, &votes);
         assert_eq!((ds.len(), ds.skipped, ds.samples[0].label), (1, 1, 0));
+
+        // Blending keeps every sample and its label; only the matched target moves towards the votes.
+        let mut samples = vec![
+            s("train/angry/a.jpg"),
+            s("train/angry/b.jpg"),
+            s("other.jpg"),
+        ];
+        assert_eq!(blend_ferplus(&mut samples, &votes, 0.5), 1);
+        let t = samples[0].target;
+        assert!(
+            (t[3] - 0.5).abs() < 1e-6 && (t[0] - 0.4).abs() < 1e-6 && (t[6] - 0.1).abs() < 1e-6
+        );
+        assert!((t.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(
+            samples.iter().map(|s| s.label).collect::<Vec<_>>(),
+            [3, 3, 3]
+        );
+        assert_eq!(
+            (samples[1].target, samples[2].target),
+            (one_hot(3), one_hot(3))
+        );
     }
 
     #[test]

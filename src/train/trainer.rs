@@ -54,6 +54,12 @@ pub struct TrainArgs {
     /// FER+ vote CSV (Kaggle layout): train on the vote distributions (soft labels).
     #[arg(long)]
     pub ferplus: Option<PathBuf>,
+    /// With `--ferplus`: the share of each training target taken from the votes. 1 makes FER+ the task (labels
+    /// replaced everywhere, validation and test score the FER+ majority, images without usable votes dropped).
+    /// Below 1 the votes are blended into the training part's targets only, `(1 − w)·label + w·votes`, and
+    /// validation and the final evaluation keep scoring the folder labels.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_unit_weight)]
+    pub ferplus_weight: f32,
     /// Skip (and count) malformed rows and images instead of stopping at the first.
     #[arg(long)]
     pub skip_bad: bool,
@@ -273,7 +279,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             Some(m) => data::parse_label_map(m).map_err(|e| anyhow::anyhow!("--label-map {e}"))?,
             None => Default::default(),
         },
-        ferplus: args.ferplus.clone(),
+        // A blend touches only the training part, after validation is split off (below).
+        ferplus: args.ferplus.clone().filter(|_| args.ferplus_weight >= 1.0),
         test_fraction: args.test_fraction,
         seed: args.seed,
     };
@@ -284,6 +291,22 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     if let Some(limit) = args.limit_train.filter(|l| *l < train_set.len()) {
         let frac = 1.0 - limit as f32 / train_set.len() as f32;
         train_set = data::stratified_split(train_set, frac, args.seed ^ 0x11).0;
+    }
+    if let Some(votes) = args.ferplus.as_ref().filter(|_| args.ferplus_weight < 1.0) {
+        let map = data::load_ferplus(votes)?;
+        let matched = data::blend_ferplus(&mut train_set, &map, args.ferplus_weight);
+        if matched == 0 {
+            bail!(
+                "--ferplus {}: no training image matched a vote row (rows are matched by `jpeg_path` or file \
+                 name, e.g. train/angry/Training_10118481.jpg); check that the CSV belongs to this data set",
+                votes.display()
+            );
+        }
+        eprintln!(
+            "FER+ votes blended into {matched} of {} training targets (weight {}).",
+            train_set.len(),
+            args.ferplus_weight
+        );
     }
     if let Some(cap) = args.undersample {
         train_set = data::undersample(train_set, cap, args.seed ^ 0x5A);
@@ -477,7 +500,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
             "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "augment": !args.no_augment,
             "init": args.init.as_ref().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()),
             "pretrained": weights_path.as_ref().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()),
-            "ferplus": args.ferplus.is_some(), "seed": args.seed,
+            "ferplus": args.ferplus.is_some().then_some(args.ferplus_weight), "seed": args.seed,
         })
         .to_string(),
     );
@@ -691,6 +714,13 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
 }
 
 /// The `emotiond.head` metadata value.
+fn parse_unit_weight(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(w) if w > 0.0 && w <= 1.0 => Ok(w),
+        _ => Err(format!("`{s}`: expected a weight in (0, 1]")),
+    }
+}
+
 fn head_name(plain_head: bool) -> &'static str {
     if plain_head {
         "dropout-linear"
