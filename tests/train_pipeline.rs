@@ -654,9 +654,7 @@ fn ferplus_blend_is_checked_before_training() {
             "0.3",
         ],
     );
-    let err = emotiond::train::train(&a)
-        .err()
-        .expect("no vote matched, yet training ran");
+    let err = emotiond::train::train(&a).expect_err("no vote matched, yet training ran");
     let msg = format!("{err:#}");
     assert!(
         msg.contains("votes.csv") && msg.contains("no training image matched"),

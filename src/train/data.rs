@@ -603,22 +603,24 @@ pub fn load_ferplus(path: &Path) -> Result<HashMap<String, [f32; K]>, DataError>
     Ok(map)
 }
 
+/// A sample's votes, looked up by its source path, then by its file name.
+fn votes_for<'a>(s: &Sample, votes: &'a HashMap<String, [f32; K]>) -> Option<&'a [f32; K]> {
+    votes.get(&s.source).or_else(|| {
+        let name = Path::new(&s.source).file_name()?.to_string_lossy();
+        votes.get(name.as_ref())
+    })
+}
+
 /// Replaces targets by vote distributions; images without usable votes are dropped (counted as skipped).
 pub fn apply_ferplus(ds: &mut Dataset, votes: &HashMap<String, [f32; K]>) {
     let before = ds.samples.len();
-    ds.samples.retain_mut(|s| {
-        let name = Path::new(&s.source)
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        match votes.get(&s.source).or_else(|| votes.get(&name)) {
-            Some(v) => {
-                s.target = *v;
-                s.label = argmax(v);
-                true
-            }
-            None => false,
+    ds.samples.retain_mut(|s| match votes_for(s, votes) {
+        Some(v) => {
+            s.target = *v;
+            s.label = argmax(v);
+            true
         }
+        None => false,
     });
     ds.skipped += before - ds.samples.len();
 }
@@ -633,11 +635,7 @@ pub fn blend_ferplus(
 ) -> usize {
     let mut matched = 0;
     for s in samples {
-        let name = Path::new(&s.source)
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if let Some(v) = votes.get(&s.source).or_else(|| votes.get(&name)) {
+        if let Some(v) = votes_for(s, votes) {
             for (t, &p) in s.target.iter_mut().zip(v) {
                 *t = (1.0 - weight) * *t + weight * p;
             }
