@@ -19,11 +19,13 @@ run: build
 test: deps
 	deploy/install-test-tools.sh
 	PATH="$(CURDIR)/.cache/test-tools/bin:$$PATH" $(CARGO) test --locked -- --test-threads=2
+	$(CARGO) test --locked --features gpu --test gpu_train -- --test-threads=2
 
 # Formatting and clippy, warnings as errors (needs the rustfmt and clippy components).
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --all-targets --features gpu -- -D warnings
 
 validate: build
 	target/release/emotiond validate $(if $(CONFIG),--config $(CONFIG),)
@@ -36,10 +38,13 @@ clean:
 
 # The shipped emotion models, reproduced end to end (models/README.md; five stages and a weight average, about 10 h on 2 cores, resumable):
 #   make model FER2013=/path/to/fer2013.tar.gz     (Kaggle layout: train/<class>/, test/<class>/ = PublicTest)
+#   make model FER2013=... DEVICE=gpu              (trains on a GPU through Vulkan: a build with --features gpu)
 FER2013 ?= data/fer2013.tar.gz
 MODEL_RUN ?= runs/fer2013-lite0-focal-64
-model: build
-	deploy/train-model.sh target/release/emotiond "$(FER2013)" "$(MODEL_RUN)"
+DEVICE ?= cpu
+model: deps
+	$(CARGO) build --release --locked $(if $(filter gpu,$(DEVICE)),--features gpu,)
+	EMOTIOND_DEVICE=$(DEVICE) deploy/train-model.sh target/release/emotiond "$(FER2013)" "$(MODEL_RUN)"
 
 # Debian package of a release build: target/debian/emotiond_<version>-1_<arch>.deb (docs/deploy.md).
 .PHONY: deb

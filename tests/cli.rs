@@ -150,3 +150,24 @@ fn bad_broker_address_is_rejected() {
     );
     assert_clean_failure(code, &err, &["mqtt.broker", "70000"]);
 }
+
+/// Without the `gpu` feature, `--device gpu` says how to get it before any data is read.
+#[cfg(all(feature = "train", not(feature = "gpu")))]
+#[test]
+fn train_on_gpu_without_the_feature_says_how_to_build_it() {
+    let out = tempfile::tempdir().unwrap();
+    let (code, _, err) = run_cli(
+        &[
+            "train",
+            "--data",
+            "/nonexistent/fer2013",
+            "--out",
+            out.path().to_str().unwrap(),
+            "--device",
+            "gpu",
+        ],
+        &[],
+    );
+    assert_clean_failure(code, &err, &["--device gpu", "--features gpu"]);
+    assert!(!err.contains("/nonexistent/fer2013"), "{err}");
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::ort_library;
+use common::{make_dataset, ort_library};
 
 use std::path::{Path, PathBuf};
 
@@ -14,51 +14,6 @@ use clap::Parser;
 use emotiond::model::{Classifier, ClassifierOptions, build_session};
 use emotiond::train::model::{Arch, ModelConfig};
 use emotiond::train::{TrainArgs, burn_logits, device, export, model_spec};
-use opencv::core::{Mat, Scalar, Vector};
-use opencv::prelude::*;
-
-/// Class `k`: concentric rings with frequency depending on `k` (invariant to flips and small rotations), plus
-/// noise and a random centre offset, so the classes are learnable but not trivially identical images.
-fn pattern(k: usize, i: usize) -> Mat {
-    let mut state = ((k * 1000 + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut rnd = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % 10_000) as f32 / 10_000.0
-    };
-    let (cx, cy) = (24.0 + 4.0 * (rnd() - 0.5), 24.0 + 4.0 * (rnd() - 0.5));
-    let freq = 0.25 + 0.22 * k as f32;
-    let mut m =
-        Mat::new_rows_cols_with_default(48, 48, opencv::core::CV_8UC1, Scalar::all(0.0)).unwrap();
-    for y in 0..48 {
-        for x in 0..48 {
-            let r = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
-            let v = 128.0 + 90.0 * (r * freq).sin() + 30.0 * (rnd() - 0.5);
-            *m.at_2d_mut::<u8>(y, x).unwrap() = v.clamp(0.0, 255.0) as u8;
-        }
-    }
-    m
-}
-
-fn make_dataset(root: &Path, train: usize, test: usize) {
-    for (split, n) in [("train", train), ("test", test)] {
-        for (k, class) in emotiond::model::FER_LABELS.iter().enumerate() {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                let seed = if split == "train" { i } else { 10_000 + i };
-                let path = dir.join(format!("{i}.png"));
-                opencv::imgcodecs::imwrite(
-                    path.to_str().unwrap(),
-                    &pattern(k, seed),
-                    &Vector::new(),
-                )
-                .unwrap();
-            }
-        }
-    }
-}
 
 #[derive(Parser)]
 struct Cli {

@@ -25,9 +25,14 @@ pub struct BenchArgs {
     /// Timed steps per configuration (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// `cpu` or `gpu` (a binary built with `--features gpu`), as for `train`.
+    #[arg(long, value_enum, default_value_t = super::device::Compute::Cpu)]
+    pub device: super::device::Compute,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    super::device::select(args.device)?;
+    println!("{}", super::device::describe());
     println!("| arch | input | batch | s/step | img/s |");
     println!("|---|---|---|---|---|");
     for &arch in &args.archs {

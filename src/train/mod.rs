@@ -8,7 +8,8 @@
 //! `eval/` (the same report `emotiond eval` writes, on the held-out test part).
 //!
 //! Data loading, augmentation and the seeded RNG are always built (`eval` uses them); everything that needs
-//! burn is behind the `train` cargo feature. The backend is chosen in one place: [`device`].
+//! burn is behind the `train` cargo feature. The device (CPU, or GPU with the `gpu` feature) is chosen in one
+//! place: [`device`].
 
 pub mod augment;
 pub mod data;
@@ -16,6 +17,8 @@ pub mod rng;
 
 #[cfg(feature = "train")]
 pub mod bench;
+#[cfg(feature = "train")]
+pub mod device;
 #[cfg(feature = "train")]
 pub mod loss;
 #[cfg(feature = "train")]
@@ -30,7 +33,9 @@ pub mod soup;
 mod trainer;
 
 #[cfg(feature = "train")]
-pub use trainer::{TrainArgs, TrainSummary, burn_logits, device, export, model_spec, run, train};
+pub use device::device;
+#[cfg(feature = "train")]
+pub use trainer::{TrainArgs, TrainSummary, burn_logits, export, model_spec, run, train};
 
 use std::path::PathBuf;
 

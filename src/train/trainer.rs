@@ -22,11 +22,7 @@ use super::loss::{self, LossKind};
 use super::model::{Arch, EfficientNet, ModelConfig};
 use super::rng::Rng;
 
-/// The training backend: burn's `flex` CPU backend with autodiff. The one place to change for a GPU backend
-/// (e.g. `Device::wgpu(..)` behind a cargo feature).
-pub fn device() -> Device {
-    Device::flex()
-}
+use super::device::{self, Compute, device};
 
 /// ImageNet statistics: the pretrained stems expect them, and grey replicated to 3 channels gets them too.
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -158,6 +154,11 @@ pub struct TrainArgs {
     /// Hide progress bars (logs one line per epoch either way).
     #[arg(long)]
     pub quiet: bool,
+    /// Where to train: `cpu` (burn's flex backend) or `gpu` (wgpu: Vulkan on Linux; needs a binary built with
+    /// `--features gpu`). Checkpoints and the exported model have the same format either way.
+    #[arg(long, value_enum, default_value_t = Compute::Cpu)]
+    #[serde(default)]
+    pub device: Compute,
     /// Build test-time flip averaging into the exported graph: each face and its mirror image are classified
     /// together and their logits averaged (twice the inference cost). Re-export a finished run with this and
     /// `--resume`.
@@ -270,6 +271,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     if args.batch < 2 {
         bail!("--batch must be at least 2 (batch norm needs more than one image)");
     }
+    device::select(args.device)?;
 
     // ---- data
     let opts = LoadOptions {
@@ -390,7 +392,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         "test_images": splits.test.len(),
         "test_part": splits.test_name,
         "skipped": skipped,
-        "backend": "burn 0.22.1 flex (CPU) + autodiff",
+        "backend": device::describe(),
         "spec": spec.to_map(),
     });
     std::fs::write(&config_path, serde_json::to_string_pretty(&run_config)?)
