@@ -9,8 +9,6 @@ mod common;
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use clap::Parser;
-use emotiond::train::TrainArgs;
 use emotiond::train::device::{self, Compute};
 use emotiond::train::loss::{LossKind, loss};
 use emotiond::train::model::{Arch, EfficientNet, ModelConfig};
@@ -111,12 +109,6 @@ fn gpu_training_step_matches_cpu() {
     assert!(a[2].iter().any(|g| g.abs() > 0.0) && a[3].iter().any(|g| g.abs() > 0.0));
 }
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: TrainArgs,
-}
-
 #[test]
 fn train_on_the_gpu_exports_a_model_onnx_runtime_serves() {
     common::ort_library();
@@ -126,31 +118,9 @@ fn train_on_the_gpu_exports_a_model_onnx_runtime_serves() {
     common::make_dataset(&data, 16, 4);
     let out = dir.path().join("run");
     let args = |out: &std::path::Path, extra: &[&str]| {
-        let mut v = vec![
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "gpu",
-            "--arch",
-            "lite0",
-            "--input-size",
-            "48",
-            "--batch",
-            "16",
-            "--lr",
-            "3e-3",
-            "--warmup-epochs",
-            "0.5",
-            "--patience",
-            "0",
-            "--quiet",
-            "--no-plots",
-        ];
+        let mut v = vec!["--device", "gpu"];
         v.extend(extra);
-        Cli::parse_from(v).args
+        common::tiny_train_args(&data, out, &v)
     };
     let summary =
         emotiond::train::train(&args(&out, &["--epochs", "2"])).expect("train --device gpu");

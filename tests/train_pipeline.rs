@@ -27,36 +27,11 @@ struct SoupCli {
     args: emotiond::train::soup::SoupArgs,
 }
 
+/// The tiny run's flags with the plain head and a larger validation part.
 fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
-    let mut v: Vec<String> = [
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--arch",
-        "lite0",
-        "--input-size",
-        "48",
-        "--batch",
-        "16",
-        "--lr",
-        "3e-3",
-        "--warmup-epochs",
-        "0.5",
-        "--patience",
-        "0",
-        "--quiet",
-        "--no-plots",
-        "--plain-head",
-        "--val-fraction",
-        "0.15",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    Cli::parse_from(v).args
+    let mut v = vec!["--plain-head", "--val-fraction", "0.15"];
+    v.extend(extra);
+    common::tiny_train_args(data, out, &v)
 }
 
 /// Max |Δ| between burn's inference forward and ort's `logits`/`probabilities` on random inputs.

@@ -507,3 +507,38 @@ pub fn make_dataset(root: &Path, train: usize, test: usize) {
         }
     }
 }
+
+/// `train` on the tiny data set: Lite0 at 48 px, batch 16, peak lr 3e-3 after a half-epoch warm-up, no early
+/// stop, quiet, no plots; `extra` adds or overrides flags.
+#[cfg(feature = "train")]
+pub fn tiny_train_args(data: &Path, out: &Path, extra: &[&str]) -> emotiond::train::TrainArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: emotiond::train::TrainArgs,
+    }
+    let mut v = vec![
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--arch",
+        "lite0",
+        "--input-size",
+        "48",
+        "--batch",
+        "16",
+        "--lr",
+        "3e-3",
+        "--warmup-epochs",
+        "0.5",
+        "--patience",
+        "0",
+        "--quiet",
+        "--no-plots",
+    ];
+    v.extend(extra);
+    Cli::parse_from(v).args
+}
