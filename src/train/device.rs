@@ -1,5 +1,5 @@
 //! Where burn computes: the `flex` CPU backend, or with the `gpu` cargo feature a GPU reached through wgpu
-//! (Vulkan on Linux, Metal on macOS). `--device` picks one per process; everything in `train` and
+//! (Vulkan on Linux). `--device` picks one per process; everything in `train` and
 //! `bench-train` asks [`device`] for it. Exports, soups and evaluation do not depend on it: weights leave burn
 //! as plain `f32` and are served by ONNX Runtime.
 
